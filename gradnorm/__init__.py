@@ -1,0 +1,54 @@
+"""gradnorm: gradient regularization and sharpness-aware training rules for any framework.
+
+Every rule (``sgd``, ``sam``, ``gnp``, ``gr``, ``fd_gr``, ``gam``, ``flooding``, ``coherent``)
+is a pure update over parameter pytrees written against the Python Array API::
+
+    import gradnorm
+    res = gradnorm.step(params, grad_fn, rule="fd_gr", gamma=0.1, eps=0.01)
+
+Importing gradnorm imports no deep-learning framework; the framework adapters
+(``gradnorm.torch``, ``gradnorm.jax``, ``gradnorm.tf``) import theirs when they are used.
+"""
+
+from __future__ import annotations
+
+from . import rules
+from ._errors import (
+    GradnormError,
+    HyperparameterError,
+    MissingHVPError,
+    OracleOutputError,
+    ParamsError,
+    UnknownRuleError,
+)
+from ._oracle import FunctionOracle, Oracle
+from ._step import StepResult, step
+from ._tree import ArrayOps
+from .rules import Rule, flood, iflood
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "step",
+    "StepResult",
+    "rules",
+    "Rule",
+    "Oracle",
+    "FunctionOracle",
+    "ArrayOps",
+    "flood",
+    "iflood",
+    "available_rules",
+    "GradnormError",
+    "UnknownRuleError",
+    "HyperparameterError",
+    "MissingHVPError",
+    "OracleOutputError",
+    "ParamsError",
+    "__version__",
+]
+
+
+def available_rules() -> list[str]:
+    """Names accepted by ``rule=``."""
+    return rules.names()

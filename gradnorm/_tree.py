@@ -1,0 +1,166 @@
+"""Pytrees and the leaf-list arithmetic the rules are written in.
+
+Rules never walk a pytree themselves. :func:`flatten` turns a parameter tree into a list of
+leaves once per step, the rule does its math on lists of leaves with an :class:`ArrayOps`
+object, and the result is unflattened once. Working on flat lists keeps the per-operation
+Python overhead small and is exactly the shape that fused multi-tensor kernels (for example
+PyTorch's ``torch._foreach_*``) want, so an adapter can swap in a faster ``ArrayOps`` subclass
+without touching any rule. The conformance suite checks that such a swap keeps the trajectory.
+
+Pytrees are handled by `optree <https://github.com/metaopt/optree>`_ (``None`` is an empty
+node, as in JAX). Arithmetic uses only the Python Array API standard through the namespace
+of the leaves (:func:`array_api_compat.array_namespace`), never a framework's own API, and never
+mutates an input: every operation returns new arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import array_api_compat
+import optree
+
+from ._errors import ParamsError, describe
+
+__all__ = ["ArrayOps", "flatten", "unflatten", "tree_structure", "namespace_of"]
+
+Leaves = list[Any]
+Scalar = Any  # a Python float or a 0-d array
+
+
+def flatten(tree: Any) -> tuple[Leaves, Any]:
+    """Leaves of ``tree`` in a fixed order, and its tree structure."""
+    leaves, treedef = optree.tree_flatten(tree)
+    return leaves, treedef
+
+
+def unflatten(treedef: Any, leaves: Sequence[Any]) -> Any:
+    """The tree of structure ``treedef`` holding ``leaves``."""
+    return optree.tree_unflatten(treedef, list(leaves))
+
+
+def tree_structure(tree: Any) -> Any:
+    return optree.tree_structure(tree)
+
+
+def namespace_of(leaves: Sequence[Any], *, argument: str = "params") -> Any:
+    """The Array API namespace shared by ``leaves``, or a :class:`ParamsError` naming ``argument``."""
+    if not leaves:
+        raise ParamsError(f"`{argument}` must contain at least one array. Received an empty tree.")
+    for leaf in leaves:
+        if not array_api_compat.is_array_api_obj(leaf):
+            raise ParamsError(
+                f"Every leaf of `{argument}` must be an array of an Array API library "
+                f"(NumPy, PyTorch, JAX, CuPy, array-api-strict, ...). Received a leaf {describe(leaf)}."
+            )
+    try:
+        return array_api_compat.array_namespace(*leaves)
+    except TypeError as err:
+        kinds = sorted({f"{type(leaf).__module__}.{type(leaf).__qualname__}" for leaf in leaves})
+        raise ParamsError(
+            f"All leaves of `{argument}` must come from one array library. Received leaves of types {kinds}."
+        ) from err
+
+
+class ArrayOps:
+    """Leaf-list arithmetic through one Array API namespace ``xp``.
+
+    Scalars may be Python numbers or 0-d arrays. A 0-d array scalar is cast to each leaf's
+    dtype before it multiplies the leaf, so a float32 tree stays float32 even when a norm was
+    accumulated in float64, and bf16/fp16 trees stay in their dtype. Reductions (``vdot``,
+    ``norm``) accumulate in float32 at least (float64 if any leaf is float64), so a half
+    precision tree does not overflow its norm.
+    """
+
+    def __init__(self, xp: Any):
+        self.xp = xp
+
+    # -- scalars -------------------------------------------------------------------------
+    def _cast(self, s: Scalar, leaf: Any) -> Scalar:
+        if isinstance(s, (int, float)):
+            return s
+        if s.dtype == leaf.dtype:
+            return s
+        return self.xp.astype(s, leaf.dtype)
+
+    def _acc_dtype(self, leaves: Leaves) -> Any:
+        xp = self.xp
+        if any(leaf.dtype == xp.float64 for leaf in leaves):
+            return xp.float64
+        return xp.float32
+
+    def _acc(self, leaf: Any, dtype: Any) -> Any:
+        return leaf if leaf.dtype == dtype else self.xp.astype(leaf, dtype)
+
+    def scalar(self, value: float, like: Leaves) -> Any:
+        """A 0-d array of the accumulation dtype on the device of ``like``."""
+        xp = self.xp
+        return xp.asarray(value, dtype=self._acc_dtype(like), device=array_api_compat.device(like[0]))
+
+    # -- elementwise ---------------------------------------------------------------------
+    def add(self, x: Leaves, y: Leaves) -> Leaves:
+        return [a + b for a, b in zip(x, y)]
+
+    def sub(self, x: Leaves, y: Leaves) -> Leaves:
+        return [a - b for a, b in zip(x, y)]
+
+    def scale(self, s: Scalar, x: Leaves) -> Leaves:
+        return [self._cast(s, a) * a for a in x]
+
+    def axpy(self, s: Scalar, x: Leaves, y: Leaves) -> Leaves:
+        """``s * x + y``."""
+        return [self._cast(s, a) * a + b for a, b in zip(x, y)]
+
+    def lincomb(self, a: Scalar, x: Leaves, b: Scalar, y: Leaves) -> Leaves:
+        """``a * x + b * y``."""
+        return [self._cast(a, u) * u + self._cast(b, v) * v for u, v in zip(x, y)]
+
+    def mul(self, x: Leaves, y: Leaves) -> Leaves:
+        return [a * b for a, b in zip(x, y)]
+
+    def abs(self, x: Leaves) -> Leaves:
+        return [self.xp.abs(a) for a in x]
+
+    def sign(self, x: Leaves) -> Leaves:
+        return [self.xp.sign(a) for a in x]
+
+    def add_scalar(self, x: Leaves, s: Scalar) -> Leaves:
+        return [a + self._cast(s, a) for a in x]
+
+    # -- reductions (0-d results in the accumulation dtype) -------------------------------
+    def vdot(self, x: Leaves, y: Leaves) -> Any:
+        xp = self.xp
+        acc = self._acc_dtype(x)
+        total = None
+        for a, b in zip(x, y):
+            part = xp.sum(self._acc(a, acc) * self._acc(b, acc))
+            total = part if total is None else total + part
+        return total
+
+    def norm(self, x: Leaves) -> Any:
+        """Global L2 norm over all leaves."""
+        return self.xp.sqrt(self.vdot(x, x))
+
+    def weighted_norm(self, w: Leaves, x: Leaves) -> Any:
+        """``|| w * x ||`` without keeping ``w * x``."""
+        return self.norm(self.mul(w, x))
+
+    def count_below(self, x: Leaves, tol: float) -> Any:
+        """Fraction of all entries with ``|x| < tol`` (0-d, accumulation dtype)."""
+        xp = self.xp
+        acc = self._acc_dtype(x)
+        below = None
+        total = 0
+        for a in x:
+            part = xp.sum(xp.astype(xp.abs(a) < tol, acc))
+            below = part if below is None else below + part
+            total += array_api_compat.size(a) or 0
+        return below / max(total, 1)
+
+    def isfinite(self, s: Any) -> Any:
+        return self.xp.isfinite(s)
+
+    def where(self, cond: Any, s: Any, t: Any) -> Any:
+        """Scalar select on 0-d arrays, traceable (no Python branch on data)."""
+        return self.xp.where(cond, s, t)

@@ -1,0 +1,78 @@
+"""Flooding, as a rule (a direction) and as loss transforms."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat
+
+from .._errors import describe
+from ._base import Hyperparameter, Rule, real
+
+__all__ = ["Flooding", "flood", "iflood"]
+
+
+class Flooding(Rule):
+    r"""Flooding: the gradient of the flooded loss :math:`|L - b| + b`,
+
+    .. math:: d = \operatorname{sign}(L - b)\, g,
+
+    descent while the minibatch-mean loss is above the flood level :math:`b` and ascent
+    below it (exactly ``sgd`` while :math:`L > b`). One gradient evaluation, no state.
+    For full-batch gradient descent with learning rate :math:`\eta`, an ascent step followed by
+    a descent step moves :math:`\theta` by :math:`-\eta^2 H g + O(\eta^3)`, one
+    finite-difference gradient-regularization step with step :math:`\eta` (Karakida et al.,
+    2023): flooding performs FD-GR implicitly while the loss oscillates around :math:`b`.
+
+    ``info["flood_sign"]`` is the sign applied (+1 descent, -1 ascent).
+
+    References:
+        Ishida, Yamane, Sakai, Niu, Sugiyama. `Do We Need Zero Training Loss After Achieving
+        Zero Training Error? <https://arxiv.org/abs/2002.08709>`_, ICML 2020.
+        For the loss transforms see :func:`flood` and :func:`iflood`.
+    """
+
+    name = "flooding"
+    hyperparameters = (Hyperparameter("b", real(), doc="the flood level, a loss value (the paper picks it from 0.00 to 0.10 for benchmarks)"),)
+
+    def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
+        sign = ops.xp.sign(loss - self.b)
+        return ops.scale(sign, grads), state, {"flood_sign": sign}
+
+
+def _check_level(b: Any, fn: str) -> Any:
+    return real()(fn, "b", b)
+
+
+def flood(loss: Any, b: float) -> Any:
+    r"""The flooded loss :math:`|L - b| + b` of a minibatch-mean loss ``loss`` (Ishida et al., 2020).
+
+    Works on a scalar of any Array API library (and on autodiff tensors: differentiate the
+    result instead of ``loss``). Equivalent to the ``flooding`` rule.
+    """
+    b = _check_level(b, "flood")
+    xp = _namespace(loss, "loss")
+    return xp.abs(loss - b) + b
+
+
+def iflood(losses: Any, b: float) -> Any:
+    r"""Instance-level flooding (iFlood, Xie et al., ICLR 2022): :math:`\frac1B\sum_i (|\ell_i - b| + b)`.
+
+    ``losses`` are the per-example losses (``reduction="none"``); each example is flooded
+    separately, then the mean is taken, so an example already below the flood level is pushed
+    back up while the others keep descending.
+    """
+    b = _check_level(b, "iflood")
+    xp = _namespace(losses, "losses")
+    if losses.ndim < 1:
+        raise ValueError(
+            f"`losses` of iflood must be the per-example losses (an array with at least one dimension). "
+            f"Received {describe(losses)}; for a batch-mean loss use `gradnorm.flood`."
+        )
+    return xp.mean(xp.abs(losses - b) + b)
+
+
+def _namespace(x: Any, name: str) -> Any:
+    if not array_api_compat.is_array_api_obj(x):
+        raise TypeError(f"`{name}` must be an array (NumPy, PyTorch, JAX, ...). Received: {describe(x)}.")
+    return array_api_compat.array_namespace(x)

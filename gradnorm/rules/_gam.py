@@ -1,0 +1,99 @@
+"""Gradient norm aware minimization (GAM), accelerated version as released by its authors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._base import Hyperparameter, Rule, choice, flag, is_static_zero, real
+
+__all__ = ["GAM"]
+
+
+class GAM(Rule):
+    r"""Gradient norm aware minimization: penalizes first-order flatness,
+    :math:`R^{(1)}_\rho(\theta) = \rho \max_{\lVert\delta\rVert\le\rho}\lVert\nabla L(\theta+\delta)\rVert`.
+
+    The accelerated algorithm of the authors' code (four gradient evaluations, same minibatch),
+    with :math:`P(\theta, v, r) = \theta + r\, v/(\lVert v\rVert + \xi)`
+    (``adaptive``: :math:`\theta + r\,\theta^2 \odot v/(\lVert |\theta| \odot v\rVert + \xi)`):
+
+    1. :math:`g_0 = \nabla L(\theta)`
+    2. :math:`g_1 = \nabla L(P(\theta, g_0, \rho'))` with :math:`\rho'` = ``grad_rho``
+    3. :math:`g_2 = \nabla L(\theta_2)`, :math:`\theta_2 = P(\theta, g_1 - g_0, \rho)` with
+       :math:`\rho` = ``grad_norm_rho`` (ascent on the gradient norm, by finite difference)
+    4. :math:`g_3 = \nabla L(P(\theta_2, g_2, \rho'))`
+    5. :math:`h_+ = \beta_1 g_1 + (1-\beta_1) g_3` and
+       :math:`h_- = g_0 + |1-\beta_0|\, g_2` (code) or :math:`\beta_0 g_0 + (1-\beta_0) g_2`
+       (paper, ``variant="paper"``)
+    6. :math:`h_-^\perp = h_- - \cos(h_-, h_+)\, \lVert h_-\rVert\, h_+ / (\lVert h_+\rVert + \xi)`
+       with :math:`\cos = \langle h_-, h_+\rangle / (\lVert h_+\rVert \lVert h_-\rVert + \xi)`
+    7. :math:`d = h_+ - \gamma\, h_-^\perp` (:math:`\gamma` = ``grad_gamma``)
+
+    Hyperparameter names are the code's (``grad_beta_0`` = :math:`\beta`,
+    ``grad_beta_1`` = :math:`\alpha` in the paper). Defaults are the code's defaults
+    (CIFAR-100, ResNet): ``grad_rho=0.02, grad_norm_rho=0.2, grad_beta_0=0.5,
+    grad_beta_1=0.6, grad_gamma=0.03``. With ``grad_rho = grad_norm_rho = 0`` all four points
+    coincide and the rule returns :math:`g` after one evaluation.
+
+    References:
+        Zhang, Xu, Yu, Zou, Cui. `Gradient Norm Aware Minimization Seeks First-Order Flatness
+        and Improves Generalization <https://arxiv.org/abs/2303.03108>`_, CVPR 2023.
+        Code: xxgege/GAM (``gam/gam.py``).
+
+    Differences from the paper: the code scales :math:`g_0` by 1 in :math:`h_-` instead of
+    :math:`\beta_0`; gradnorm follows the code by default (``variant="code"``). The code
+    restores the weights by subtracting the perturbations; gradnorm never changes them.
+    """
+
+    name = "gam"
+    hyperparameters = (
+        Hyperparameter("grad_rho", real(0.0), 0.02, "radius of the SAM-like ascent steps (rho' in the paper)"),
+        Hyperparameter("grad_norm_rho", real(0.0), 0.2, "radius of the gradient-norm ascent step (rho)"),
+        Hyperparameter("grad_beta_0", real(0.0, hi=1.0), 0.5, "weight of g0 against g2 in h- (beta)"),
+        Hyperparameter("grad_beta_1", real(0.0, hi=1.0), 0.6, "weight of g1 against g3 in h+ (alpha)"),
+        Hyperparameter("grad_gamma", real(0.0), 0.03, "strength of the orthogonal correction (gamma)"),
+        Hyperparameter("adaptive", flag(), False, "ASAM-style perturbations scaled by theta^2"),
+        Hyperparameter("variant", choice("code", "paper"), "code", "h- as in the released code or the paper"),
+    )
+
+    def _identity(self) -> bool:
+        return is_static_zero(self.grad_rho) and is_static_zero(self.grad_norm_rho)
+
+    @property
+    def grad_evals(self) -> int:
+        return 1 if self._identity() else 4
+
+    def _point(self, base: list[Any], v: list[Any], radius: Any, ops) -> list[Any]:
+        if self.adaptive:
+            w = ops.abs(base)
+            scale = radius / (ops.norm(ops.mul(w, v)) + self.norm_eps)
+            return ops.axpy(scale, ops.mul(ops.mul(base, base), v), base)
+        return ops.axpy(radius / (ops.norm(v) + self.norm_eps), v, base)
+
+    def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
+        if self._identity():
+            return list(grads), state, {}
+        eps = self.norm_eps
+        g0 = grads
+        if self.adaptive:
+            x1 = self._point(params, g0, self.grad_rho, ops)
+        else:  # reuse the norm already computed
+            x1 = ops.axpy(self.grad_rho / (grad_norm + eps), g0, params)
+        loss1, g1 = oracle.value_and_grad(x1)
+        x2 = self._point(params, ops.sub(g1, g0), self.grad_norm_rho, ops)
+        loss2, g2 = oracle.value_and_grad(x2)
+        x3 = self._point(x2, g2, self.grad_rho, ops)
+        loss3, g3 = oracle.value_and_grad(x3)
+
+        b0, b1 = self.grad_beta_0, self.grad_beta_1
+        h_plus = ops.lincomb(b1, g1, 1.0 - b1, g3)
+        if self.variant == "code":
+            h_minus = ops.axpy(abs(1.0 - b0) if isinstance(b0, float) else ops.xp.abs(1.0 - b0), g2, g0)
+        else:
+            h_minus = ops.lincomb(b0, g0, 1.0 - b0, g2)
+        n_plus, n_minus = ops.norm(h_plus), ops.norm(h_minus)
+        cosine = ops.vdot(h_minus, h_plus) / (n_plus * n_minus + eps)
+        perp = ops.axpy(-cosine * n_minus / (n_plus + eps), h_plus, h_minus)
+        direction = ops.axpy(-self.grad_gamma, perp, h_plus)
+        info = {"perturbed_loss": loss1, "norm_ascent_loss": loss2, "norm_ascent_perturbed_loss": loss3, "cosine": cosine}
+        return direction, state, info

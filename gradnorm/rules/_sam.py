@@ -1,0 +1,69 @@
+"""Sharpness-aware minimization (SAM) and its adaptive variant (ASAM)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._base import Hyperparameter, Rule, flag, is_static_zero, real
+
+__all__ = ["SAM", "ascent_point"]
+
+
+def ascent_point(params: list[Any], direction: list[Any], direction_norm: Any, radius: Any, norm_eps: float, ops) -> list[Any]:
+    r""":math:`\theta + r\, v / (\lVert v\rVert + \epsilon)`, shared by SAM and GNP so that
+    ``gnp(alpha=1, r)`` and ``sam(rho=r)`` take bit-identical steps."""
+    return ops.axpy(radius / (direction_norm + norm_eps), direction, params)
+
+
+class SAM(Rule):
+    r"""Sharpness-aware minimization, optionally adaptive (ASAM).
+
+    .. math::
+
+        e = \rho\, \frac{g}{\lVert g\rVert + \epsilon}, \qquad d = \nabla L(\theta + e).
+
+    Adaptive (ASAM): with :math:`T = |\theta| + \eta` elementwise,
+    :math:`e = \rho\, T^2 \odot g / (\lVert T \odot g\rVert + \epsilon)`.
+
+    Two gradient evaluations on the same minibatch; ``rho = 0`` returns :math:`g` after one.
+    The norm is global over all leaves and :math:`\epsilon` (``norm_eps``) is added outside the
+    square root, as in the PyTorch reference code (davda54/sam, pytorch_optimizer).
+
+    References:
+        Foret, Kleiner, Mobahi, Neyshabur. `Sharpness-Aware Minimization for Efficiently
+        Improving Generalization <https://arxiv.org/abs/2010.02412>`_, ICLR 2021.
+        Kwon, Kim, Park, Choi. `ASAM: Adaptive Sharpness-Aware Minimization
+        <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
+
+    Differences from the official code:
+        * google-research/sam and ``optax.contrib.sam`` divide by the raw norm (NaN at
+          :math:`g = 0`); gradnorm adds ``norm_eps`` (set it to 0 to match them exactly).
+        * The official ASAM applies :math:`\eta` only to parameters named ``weight`` (biases get
+          :math:`T = 1`); gradnorm, like davda54/sam, applies :math:`T = |\theta| + \eta` to
+          every leaf. ASAM needs a larger ``rho`` than SAM (0.5 to 2.0 in the papers' code).
+        * Weight decay belongs to the base optimizer, so it is not part of the perturbation.
+    """
+
+    name = "sam"
+    hyperparameters = (
+        Hyperparameter("rho", real(0.0), doc="the perturbation radius; 0.05 in the SAM paper"),
+        Hyperparameter("adaptive", flag(), False, "ASAM: scale the perturbation by |theta| + eta"),
+        Hyperparameter("eta", real(0.0), 0.0, "ASAM's offset in T = |theta| + eta"),
+    )
+
+    @property
+    def grad_evals(self) -> int:
+        return 1 if is_static_zero(self.rho) else 2
+
+    def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
+        if is_static_zero(self.rho):
+            return list(grads), state, {"perturbed_loss": loss}
+        if self.adaptive:
+            t = ops.add_scalar(ops.abs(params), self.eta) if not is_static_zero(self.eta) else ops.abs(params)
+            tg = ops.mul(t, grads)
+            scale = self.rho / (ops.norm(tg) + self.norm_eps)
+            point = ops.axpy(scale, ops.mul(t, tg), params)
+        else:
+            point = ascent_point(params, grads, grad_norm, self.rho, self.norm_eps, ops)
+        perturbed_loss, perturbed_grads = oracle.value_and_grad(point)
+        return perturbed_grads, state, {"perturbed_loss": perturbed_loss}
