@@ -22,6 +22,7 @@ and implementing :meth:`Rule._update` on flat lists of leaves (see the built-in 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -56,7 +57,10 @@ class EmptyState(NamedTuple):
 
 
 def _is_scalar_array(value: Any) -> bool:
-    return array_api_compat.is_array_api_obj(value) and tuple(getattr(value, "shape", (1,))) == ()
+    """A 0-d array of a real floating dtype."""
+    if not array_api_compat.is_array_api_obj(value) or tuple(getattr(value, "shape", (1,))) != ():
+        return False
+    return bool(array_api_compat.array_namespace(value).isdtype(value.dtype, "real floating"))
 
 
 def _fail(rule: str, name: str, expectation: str, value: Any) -> HyperparameterError:
@@ -77,13 +81,14 @@ def real(lo: float | None = None, *, lo_open: bool = False, hi: float | None = N
     expectation = "a finite number" + (" " + " and ".join(parts) if parts else "")
 
     def check(rule: str, name: str, value: Any) -> Any:
-        if _is_scalar_array(value):
-            return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if hasattr(value, "__float__") and not hasattr(value, "shape"):
-                value = float(value)  # e.g. fractions, decimal
-            else:
-                raise _fail(rule, name, expectation + " (or a 0-d array)", value)
+        # Python and NumPy scalars (numbers.Real) are static: range-checked, and a zero
+        # strength takes the exact shortcut. 0-d arrays are dynamic.
+        if isinstance(value, bool):
+            raise _fail(rule, name, expectation, value)
+        if not isinstance(value, numbers.Real):
+            if _is_scalar_array(value):
+                return value
+            raise _fail(rule, name, expectation + " (or a 0-d floating-point array)", value)
         value = float(value)
         bad = not math.isfinite(value)
         bad = bad or (lo is not None and (value <= lo if lo_open else value < lo))
