@@ -117,7 +117,7 @@ class FlatOracle:
             loss = self.xp.asarray(float(loss), dtype=ref.dtype, device=array_api_compat.device(ref))
         if self.check and tuple(loss.shape) != ():
             raise OracleOutputError(
-                f"The loss returned by `grad_fn` must be a scalar (shape ()). Received shape {tuple(loss.shape)}."
+                f"The loss returned by `grad_fn` must be a scalar (shape ()). Received: shape {tuple(loss.shape)}."
             )
         return loss
 
@@ -127,8 +127,8 @@ class FlatOracle:
             return leaves
         if treedef != self.treedef:
             raise OracleOutputError(
-                f"{source} must return {what} with the same tree structure as `params`. "
-                f"Expected {self.treedef}. Received {treedef}."
+                f"{source} must return {what} with the same tree structure as `params`"
+                f"{_structure_difference(self.treedef, treedef)}. Expected: {self.treedef}. Received: {treedef}."
             )
         for i, (leaf, ref) in enumerate(zip(leaves, self.reference)):
             path = _leaf_path(self.treedef, i)
@@ -137,14 +137,34 @@ class FlatOracle:
             if tuple(leaf.shape) != tuple(ref.shape):
                 raise OracleOutputError(
                     f"{source} must return {what} with the shapes of `params`: leaf {path} must have shape "
-                    f"{tuple(ref.shape)}. Received shape {tuple(leaf.shape)}."
+                    f"{tuple(ref.shape)}. Received: shape {tuple(leaf.shape)}."
+                )
+            if array_api_compat.array_namespace(leaf) is not self.xp:
+                raise OracleOutputError(
+                    f"{source} must return {what} in the array library of `params`: leaf {path} must be an array of "
+                    f"{self.xp.__name__} with dtype {ref.dtype}. Received: {describe(leaf)}."
                 )
             if leaf.dtype != ref.dtype:
                 raise OracleOutputError(
                     f"{source} must return {what} with the dtypes of `params`: leaf {path} must have dtype "
-                    f"{ref.dtype}. Received dtype {leaf.dtype}."
+                    f"{ref.dtype}. Received: dtype {leaf.dtype}."
                 )
         return leaves
+
+
+def _structure_difference(expected: Any, received: Any) -> str:
+    """'': missing leaves ..., unexpected leaves ...' when both trees name their leaves."""
+    try:
+        want = {"".join(f"[{k!r}]" for k in path) for path in expected.paths()}
+        got = {"".join(f"[{k!r}]" for k in path) for path in received.paths()}
+    except Exception:  # pragma: no cover
+        return ""
+    parts = []
+    if want - got:
+        parts.append("missing leaves " + ", ".join(sorted(want - got)))
+    if got - want:
+        parts.append("unexpected leaves " + ", ".join(sorted(got - want)))
+    return " (" + "; ".join(parts) + ")" if parts else ""
 
 
 def _leaf_path(treedef: Any, index: int) -> str:

@@ -182,6 +182,7 @@ class Rule:
     name: ClassVar[str] = ""
     hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
     needs_hvp: ClassVar[bool] = False
+    state_type: ClassVar[type] = EmptyState
 
     def __init__(self, **hyperparameters: Any):
         values = validate_hyperparameters(type(self), hyperparameters)
@@ -206,6 +207,9 @@ class Rule:
 
     def __setattr__(self, key: str, value: Any) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable; use `.replace({key}=...)` for a changed copy.")
+
+    def __delattr__(self, key: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable; `{key}` cannot be deleted.")
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
@@ -271,6 +275,11 @@ class Rule:
         """
         leaves, treedef = _tree.flatten(params)
         xp = check_params(leaves)
+        if not isinstance(state, self.state_type):
+            raise TypeError(
+                f"`state` of rule '{self.name}' must be a {self.state_type.__name__} (from `rule.init(params)` or "
+                f"the previous step; pass `state=None` to start). Received: {describe(state)}."
+            )
         if self.needs_hvp and not getattr(oracle, "has_hvp", False):
             raise MissingHVPError(
                 f"Rule '{self.name}' needs Hessian-vector products: pass `hvp_fn(params, v) -> H v` "

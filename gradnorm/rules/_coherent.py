@@ -55,6 +55,7 @@ class Coherent(Rule):
     """
 
     name = "coherent"
+    state_type = CoherentState
     hyperparameters = (
         Hyperparameter("lam", real(0.0), doc="the regularization strength lambda"),
         Hyperparameter("penalty", choice("l2", "l1"), "l2", "R = ||theta||^2 / 2 or ||theta||_1"),

@@ -6,7 +6,7 @@ from typing import Any
 
 import array_api_compat
 
-from .._errors import describe
+from .._errors import HyperparameterError, describe
 from ._base import Hyperparameter, Rule, real
 
 __all__ = ["Flooding", "flood", "iflood"]
@@ -41,7 +41,10 @@ class Flooding(Rule):
 
 
 def _check_level(b: Any, fn: str) -> Any:
-    return real()(fn, "b", b)
+    try:
+        return real()(fn, "b", b)
+    except HyperparameterError as err:
+        raise HyperparameterError(str(err).replace(f"of rule '{fn}'", f"of gradnorm.{fn}")) from None
 
 
 def flood(loss: Any, b: float) -> Any:
@@ -67,7 +70,7 @@ def iflood(losses: Any, b: float) -> Any:
     if losses.ndim < 1:
         raise ValueError(
             f"`losses` of iflood must be the per-example losses (an array with at least one dimension). "
-            f"Received {describe(losses)}; for a batch-mean loss use `gradnorm.flood`."
+            f"Received: {describe(losses)}; for a batch-mean loss use `gradnorm.flood`."
         )
     return xp.mean(xp.abs(losses - b) + b)
 
