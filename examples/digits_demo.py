@@ -9,13 +9,13 @@ rules: the same data split, initial weights and minibatch order (per seed), the 
 optimizer and learning rate.
 
 The data is ``sklearn.datasets.load_digits`` (1797 8x8 images, bundled with scikit-learn, no
-download). A small stratified training set (35% by default) makes generalization differences
-visible. Prints a table, writes it to ``<out>/digits_demo.md`` and plots the learning curves
+download). A small stratified training set (35% by default) leaves generalization differences
+room to show. Prints a table, writes it to ``<out>/digits_demo.md`` and plots the learning curves
 to ``<out>/digits_demo.png``.
 
 Run::
 
-    python examples/digits_demo.py              # full run (about 1-2 minutes on 2 CPU cores)
+    python examples/digits_demo.py              # full run (under a minute on 2 CPU cores)
     python examples/digits_demo.py --quick      # a few seconds, for tests
     python examples/digits_demo.py --epochs 100 --seeds 5 --out /tmp/results
 
@@ -304,8 +304,8 @@ HEADERS = [
     "grad evals / step",
     "ms / step",
     "x sgd",
-    "of which grad_fn/hvp_fn (ms)",
-    "mean ‖d−g‖/‖g‖",
+    "ms in grad_fn/hvp_fn",
+    "‖d−g‖/‖g‖",
 ]
 
 
@@ -347,10 +347,10 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
         return
     table = Table(title=title)
     for i, h in enumerate(HEADERS):
-        table.add_column(h, justify="left" if i < 2 else "right", overflow="fold")
+        table.add_column(h, justify="left" if i < 2 else "right", no_wrap=i < 2)
     for r in rows:
         table.add_row(*_cells(r))
-    Console(width=160).print(table)
+    Console(width=200).print(table)
 
 
 def plot(runs: dict[str, list[Run]], path: Path) -> None:
@@ -410,7 +410,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="Writes <out>/digits_demo.md and <out>/digits_demo.png.",
     )
     ap.add_argument("--epochs", type=int, default=60, help="training epochs per run (default 60)")
-    ap.add_argument("--seeds", type=int, default=5, help="seeds per rule: initial weights and minibatch order (default 5)")
+    ap.add_argument(
+        "--seeds", type=int, default=5, help="seeds per rule: initial weights and minibatch order (default 5)"
+    )
     ap.add_argument("--quick", action="store_true", help="a tiny run (3 epochs, 2 seeds) for tests")
     ap.add_argument("--train-fraction", type=float, default=0.35, help="stratified training fraction (default 0.35)")
     ap.add_argument("--batch-size", type=int, default=32, help="minibatch size (default 32)")
@@ -458,12 +460,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = summarize(runs, hypers)
     n_tr, n_te = len(data[1]), len(data[3])
     setup = (
-        f"sklearn digits, {n_tr} train / {n_te} test (stratified, fixed split); MLP 64-32(tanh)-10 in float64 NumPy; "
-        f"SGD lr={args.lr}, momentum={args.momentum}, batch {args.batch_size}, {args.epochs} epochs; one BLAS thread; "
+        f"sklearn digits, {n_tr} train / {n_te} test (stratified, fixed split); "
+        f"MLP 64-32(tanh)-10 in float64 NumPy; "
+        f"SGD lr={args.lr}, momentum={args.momentum}, batch {args.batch_size}, {args.epochs} epochs; "
+        f"one BLAS thread; "
         f"{args.seeds} seed(s) (initial weights and minibatch order, the same for every rule); "
         f"mean ± sample std over seeds"
     )
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU(s), Python {platform.python_version()}, NumPy {np.__version__}"
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPU(s), Python {platform.python_version()}, NumPy {np.__version__}"
+    )
     notes = [f"{r['rule']}: {k} = {v:.3f}" for r in rows for k, v in r["extra"].items()]
     print(setup)
     print_table(rows, f"gradnorm digits demo ({args.epochs} epochs, {args.seeds} seeds)")
@@ -481,9 +487,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "",
         "Final train loss (full training set) and test accuracy after the last epoch. \"grad evals / step\" is what "
         "gradnorm reports in `info`. \"ms / step\" is the wall time of `gradnorm.step` plus the momentum update, "
-        "averaged over all steps and seeds, and \"x sgd\" its ratio to sgd's; \"of which grad_fn/hvp_fn\" is the part "
-        "spent in the model's own gradient and HVP code (the rest is gradnorm and the optimizer). "
-        "\"‖d−g‖/‖g‖\" is how far the rule's direction d is from the plain minibatch gradient g, averaged over steps.",
+        "averaged over all steps and seeds, and \"x sgd\" its ratio to sgd's; \"ms in grad_fn/hvp_fn\" is the part "
+        "of it spent in the model's own gradient and HVP code (the rest is gradnorm's bookkeeping and the momentum "
+        "update). \"‖d−g‖/‖g‖\" is how far the rule's direction d is from the plain minibatch gradient g, "
+        "averaged over steps.",
         "",
         *(f"- {n}" for n in notes),
         "",

@@ -1,13 +1,13 @@
 """gradnorm: gradient regularization and sharpness-aware training rules for any framework.
 
-Every rule (``sgd``, ``sam``, ``gnp``, ``gr``, ``fd_gr``, ``gam``, ``flooding``, ``coherent``)
+Every rule (`sgd`, `sam`, `gnp`, `gr`, `fd_gr`, `gam`, `flooding`, `coherent`)
 is a pure update over parameter pytrees written against the Python Array API::
 
     import gradnorm
     res = gradnorm.step(params, grad_fn, rule="fd_gr", gamma=0.1, eps=0.01)
 
 Importing gradnorm imports no deep-learning framework; the framework adapters
-(``gradnorm.torch``, ``gradnorm.jax``, ``gradnorm.tf``) import theirs when they are used.
+(`gradnorm.torch`, `gradnorm.jax`, `gradnorm.tf`) import theirs when they are used.
 """
 
 from __future__ import annotations
@@ -50,5 +50,5 @@ __all__ = [
 
 
 def available_rules() -> list[str]:
-    """Names accepted by ``rule=``."""
+    """Names accepted by `rule=`."""
     return rules.names()

@@ -1,8 +1,8 @@
 """Exceptions raised by gradnorm.
 
 Every error names the argument, what was expected and what was received, in the form
-```` `name` must be <expectation>. Received: <value> ````. Each exception also derives from
-the built-in type a user would catch for that kind of mistake (``ValueError``/``TypeError``).
+`` `name` must be <expectation>. Received: <value> ``. Each exception also derives from
+the built-in type a user would catch for that kind of mistake (`ValueError`/`TypeError`).
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ class MissingHVPError(GradnormError, ValueError):
 
 
 class OracleOutputError(GradnormError, ValueError):
-    """``grad_fn`` / ``hvp_fn`` returned something of the wrong structure, shape or dtype."""
+    """`grad_fn` / `hvp_fn` returned something of the wrong structure, shape or dtype."""
 
 
 class ParamsError(GradnormError, TypeError):
-    """``params`` is not a pytree of real floating-point arrays of one array library."""
+    """`params` is not a pytree of real floating-point arrays of one array library."""
 
 
 def describe(value: object) -> str:

@@ -1,14 +1,14 @@
 """The gradient oracle: how a rule evaluates the loss and its derivatives.
 
 A rule never calls a framework. It receives an oracle that evaluates
-``value_and_grad(params) -> (loss, grads)`` at any point and, for rules that need it,
-``hvp(params, v) -> H(params) v``. :func:`gradnorm.step` builds one from the user's ``grad_fn``
-(and ``hvp_fn``); each framework adapter builds one from a loss function with its autodiff.
+`value_and_grad(params) -> (loss, grads)` at any point and, for rules that need it,
+`hvp(params, v) -> H(params) v`. `gradnorm.step` builds one from the user's `grad_fn`
+(and `hvp_fn`); each framework adapter builds one from a loss function with its autodiff.
 
-Inside a step, rules talk to a :class:`FlatOracle`, the same oracle seen through flat lists
+Inside a step, rules talk to a `FlatOracle`, the same oracle seen through flat lists
 of leaves. It checks every answer (tree structure, shapes, dtypes, a scalar loss) so that a
-``grad_fn`` returning the wrong thing fails with a clear message on its first call, and it
-counts evaluations for ``info``.
+`grad_fn` returning the wrong thing fails with a clear message on its first call, and it
+counts evaluations for `info`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ __all__ = ["Oracle", "FunctionOracle", "FlatOracle"]
 class Oracle(Protocol):
     """What a rule may ask of the loss.
 
-    ``value_and_grad(params)`` returns ``(loss, grads)`` with ``loss`` a scalar and ``grads``
-    a tree of the same structure, shapes and dtypes as ``params``. ``hvp(params, v)`` returns
-    the Hessian of the loss at ``params`` applied to the tree ``v``; ``has_hvp`` says whether
+    `value_and_grad(params)` returns `(loss, grads)` with `loss` a scalar and `grads`
+    a tree of the same structure, shapes and dtypes as `params`. `hvp(params, v)` returns
+    the Hessian of the loss at `params` applied to the tree `v`; `has_hvp` says whether
     it is available. Every call within one step must use the same minibatch (and, where the
     user asks for it, the same dropout randomness).
     """
@@ -43,11 +43,11 @@ class Oracle(Protocol):
 
 
 class FunctionOracle:
-    """An :class:`Oracle` from plain functions.
+    """An `Oracle` from plain functions.
 
     Args:
-        grad_fn: ``grad_fn(params) -> (loss, grads)``.
-        hvp_fn: optional ``hvp_fn(params, v) -> H v``.
+        grad_fn: `grad_fn(params) -> (loss, grads)`.
+        hvp_fn: optional `hvp_fn(params, v) -> H v`.
     """
 
     def __init__(self, grad_fn: Callable[[Any], tuple[Any, Any]], hvp_fn: Callable[[Any, Any], Any] | None = None):
@@ -69,7 +69,7 @@ class FunctionOracle:
 
 
 class FlatOracle:
-    """An :class:`Oracle` seen through flat leaf lists, with checked answers and call counts.
+    """An `Oracle` seen through flat leaf lists, with checked answers and call counts.
 
     Args:
         oracle: the oracle to wrap.
@@ -131,22 +131,22 @@ class FlatOracle:
                 f"{_structure_difference(self.treedef, treedef)}. Expected: {self.treedef}. Received: {treedef}."
             )
         for i, (leaf, ref) in enumerate(zip(leaves, self.reference)):
-            path = _leaf_path(self.treedef, i)
-            if not array_api_compat.is_array_api_obj(leaf):
-                raise OracleOutputError(f"{source} must return arrays in {what}; leaf {path} is {describe(leaf)}.")
+            same_kind = type(leaf) is type(ref)
+            if not same_kind and not array_api_compat.is_array_api_obj(leaf):
+                raise OracleOutputError(f"{source} must return arrays in {what}; leaf {_leaf_path(self.treedef, i)} is {describe(leaf)}.")
             if tuple(leaf.shape) != tuple(ref.shape):
                 raise OracleOutputError(
-                    f"{source} must return {what} with the shapes of `params`: leaf {path} must have shape "
+                    f"{source} must return {what} with the shapes of `params`: leaf {_leaf_path(self.treedef, i)} must have shape "
                     f"{tuple(ref.shape)}. Received: shape {tuple(leaf.shape)}."
                 )
-            if array_api_compat.array_namespace(leaf) is not self.xp:
+            if not same_kind and array_api_compat.array_namespace(leaf) is not self.xp:
                 raise OracleOutputError(
-                    f"{source} must return {what} in the array library of `params`: leaf {path} must be an array of "
+                    f"{source} must return {what} in the array library of `params`: leaf {_leaf_path(self.treedef, i)} must be an array of "
                     f"{self.xp.__name__} with dtype {ref.dtype}. Received: {describe(leaf)}."
                 )
             if leaf.dtype != ref.dtype:
                 raise OracleOutputError(
-                    f"{source} must return {what} with the dtypes of `params`: leaf {path} must have dtype "
+                    f"{source} must return {what} with the dtypes of `params`: leaf {_leaf_path(self.treedef, i)} must have dtype "
                     f"{ref.dtype}. Received: dtype {leaf.dtype}."
                 )
         return leaves

@@ -1,15 +1,15 @@
 """Pytrees and the leaf-list arithmetic the rules are written in.
 
-Rules never walk a pytree themselves. :func:`flatten` turns a parameter tree into a list of
-leaves once per step, the rule does its math on lists of leaves with an :class:`ArrayOps`
+Rules never walk a pytree themselves. `flatten` turns a parameter tree into a list of
+leaves once per step, the rule does its math on lists of leaves with an `ArrayOps`
 object, and the result is unflattened once. Working on flat lists keeps the per-operation
 Python overhead small and is exactly the shape that fused multi-tensor kernels (for example
-PyTorch's ``torch._foreach_*``) want, so an adapter can swap in a faster ``ArrayOps`` subclass
+PyTorch's `torch._foreach_*`) want, so an adapter can swap in a faster `ArrayOps` subclass
 without touching any rule. The conformance suite checks that such a swap keeps the trajectory.
 
-Pytrees are handled by `optree <https://github.com/metaopt/optree>`_ (``None`` is an empty
+Pytrees are handled by [optree](https://github.com/metaopt/optree) (`None` is an empty
 node, as in JAX). Arithmetic uses only the Python Array API standard through the namespace
-of the leaves (:func:`array_api_compat.array_namespace`), never a framework's own API, and never
+of the leaves (`array_api_compat.array_namespace`), never a framework's own API, and never
 mutates an input: every operation returns new arrays.
 """
 
@@ -30,13 +30,13 @@ Scalar = Any  # a Python float or a 0-d array
 
 
 def flatten(tree: Any) -> tuple[Leaves, Any]:
-    """Leaves of ``tree`` in a fixed order, and its tree structure."""
+    """Leaves of `tree` in a fixed order, and its tree structure."""
     leaves, treedef = optree.tree_flatten(tree)
     return leaves, treedef
 
 
 def unflatten(treedef: Any, leaves: Sequence[Any]) -> Any:
-    """The tree of structure ``treedef`` holding ``leaves``."""
+    """The tree of structure `treedef` holding `leaves`."""
     return optree.tree_unflatten(treedef, list(leaves))
 
 
@@ -45,9 +45,12 @@ def tree_structure(tree: Any) -> Any:
 
 
 def namespace_of(leaves: Sequence[Any], *, argument: str = "params") -> Any:
-    """The Array API namespace shared by ``leaves``, or a :class:`ParamsError` naming ``argument``."""
+    """The Array API namespace shared by `leaves`, or a `ParamsError` naming `argument`."""
     if not leaves:
         raise ParamsError(f"`{argument}` must contain at least one array. Received an empty tree.")
+    kinds = {type(leaf) for leaf in leaves}
+    if len(kinds) == 1 and array_api_compat.is_array_api_obj(leaves[0]):
+        return array_api_compat.array_namespace(leaves[0])  # the common case, checked once
     for leaf in leaves:
         if not array_api_compat.is_array_api_obj(leaf):
             raise ParamsError(
@@ -64,12 +67,12 @@ def namespace_of(leaves: Sequence[Any], *, argument: str = "params") -> Any:
 
 
 class ArrayOps:
-    """Leaf-list arithmetic through one Array API namespace ``xp``.
+    """Leaf-list arithmetic through one Array API namespace `xp`.
 
     Scalars may be Python numbers or 0-d arrays. A 0-d array scalar is cast to each leaf's
     dtype before it multiplies the leaf, so a float32 tree stays float32 even when a norm was
-    accumulated in float64, and bf16/fp16 trees stay in their dtype. Reductions (``vdot``,
-    ``norm``) accumulate in float32 at least (float64 if any leaf is float64), so a half
+    accumulated in float64, and bf16/fp16 trees stay in their dtype. Reductions (`vdot`,
+    `norm`) accumulate in float32 at least (float64 if any leaf is float64), so a half
     precision tree does not overflow its norm.
     """
 
@@ -94,7 +97,7 @@ class ArrayOps:
         return leaf if leaf.dtype == dtype else self.xp.astype(leaf, dtype)
 
     def scalar(self, value: float, like: Leaves) -> Any:
-        """A 0-d array of the accumulation dtype on the device of ``like``."""
+        """A 0-d array of the accumulation dtype on the device of `like`."""
         xp = self.xp
         return xp.asarray(value, dtype=self._acc_dtype(like), device=array_api_compat.device(like[0]))
 
@@ -109,11 +112,11 @@ class ArrayOps:
         return [self._cast(s, a) * a for a in x]
 
     def axpy(self, s: Scalar, x: Leaves, y: Leaves) -> Leaves:
-        """``s * x + y``."""
+        """`s * x + y`."""
         return [self._cast(s, a) * a + b for a, b in zip(x, y)]
 
     def lincomb(self, a: Scalar, x: Leaves, b: Scalar, y: Leaves) -> Leaves:
-        """``a * x + b * y``."""
+        """`a * x + b * y`."""
         return [self._cast(a, u) * u + self._cast(b, v) * v for u, v in zip(x, y)]
 
     def mul(self, x: Leaves, y: Leaves) -> Leaves:
@@ -134,7 +137,9 @@ class ArrayOps:
         acc = self._acc_dtype(x)
         total = None
         for a, b in zip(x, y):
-            part = xp.sum(self._acc(a, acc) * self._acc(b, acc))
+            flat_a = xp.reshape(self._acc(a, acc), (-1,))
+            flat_b = flat_a if b is a else xp.reshape(self._acc(b, acc), (-1,))
+            part = xp.vecdot(flat_a, flat_b)
             total = part if total is None else total + part
         return total
 
@@ -143,11 +148,11 @@ class ArrayOps:
         return self.xp.sqrt(self.vdot(x, x))
 
     def weighted_norm(self, w: Leaves, x: Leaves) -> Any:
-        """``|| w * x ||`` without keeping ``w * x``."""
+        """`|| w * x ||` without keeping `w * x`."""
         return self.norm(self.mul(w, x))
 
     def count_below(self, x: Leaves, tol: float) -> Any:
-        """Fraction of all entries with ``|x| < tol`` (0-d, accumulation dtype)."""
+        """Fraction of all entries with `|x| < tol` (0-d, accumulation dtype)."""
         xp = self.xp
         acc = self._acc_dtype(x)
         below = None

@@ -170,32 +170,12 @@ unit = st.floats(0.0, 1.0)
 
 
 def zero_strength_configs(zero: st.SearchStrategy) -> dict[str, st.SearchStrategy]:
-    """For each rule, hyperparameters whose strength is drawn from ``zero`` (the rest random)."""
-    return {
+    """For each rule (and each of its modes), hyperparameters whose strength is drawn from
+    ``zero``; the other hyperparameters are random."""
+    configs = {
         "sam": st.fixed_dictionaries({"rho": zero, "adaptive": st.booleans(), "eta": unit}),
         "gnp(alpha=0)": st.fixed_dictionaries({"r": positive, "alpha": zero}),
         "gnp(r=0)": st.fixed_dictionaries({"r": zero, "alpha": st.floats(1e-3, 2.0)}),
-        "gr": st.fixed_dictionaries({"gamma": zero, "penalty": st.sampled_from(["squared", "norm"])}),
-        "fd_gr": st.fixed_dictionaries(
-            {
-                "gamma": zero,
-                "eps": positive,
-                "difference": st.sampled_from(["forward", "backward", "central"]),
-                "normalize": st.booleans(),
-            }
-        ),
-        "gam": st.fixed_dictionaries(
-            {
-                "grad_rho": zero,
-                "grad_norm_rho": zero,
-                "grad_beta_0": unit,
-                "grad_beta_1": unit,
-                # the arithmetic path departs from g by O(grad_gamma * norm_eps / ||g||^2)
-                "grad_gamma": st.floats(0.0, 0.1),
-                "adaptive": st.booleans(),
-                "variant": st.sampled_from(["code", "paper"]),
-            }
-        ),
         "coherent": st.fixed_dictionaries(
             {
                 "lam": zero,
@@ -205,6 +185,26 @@ def zero_strength_configs(zero: st.SearchStrategy) -> dict[str, st.SearchStrateg
             }
         ),
     }
+    for penalty in ("squared", "norm"):
+        configs[f"gr({penalty})"] = st.fixed_dictionaries({"gamma": zero, "penalty": st.just(penalty)})
+    for difference in ("forward", "backward", "central"):
+        configs[f"fd_gr({difference})"] = st.fixed_dictionaries(
+            {"gamma": zero, "eps": positive, "difference": st.just(difference), "normalize": st.booleans()}
+        )
+    for variant in ("code", "paper"):
+        configs[f"gam({variant})"] = st.fixed_dictionaries(
+            {
+                "grad_rho": zero,
+                "grad_norm_rho": zero,
+                "grad_beta_0": unit,
+                "grad_beta_1": unit,
+                # the arithmetic path departs from g by O(grad_gamma * norm_eps / ||g||^2)
+                "grad_gamma": st.floats(0.0, 0.1),
+                "adaptive": st.booleans(),
+                "variant": st.just(variant),
+            }
+        )
+    return configs
 
 
 STATIC_ZERO = st.sampled_from([0, 0.0, -0.0])  # the Python number 0

@@ -13,7 +13,7 @@ import difflib
 from typing import Any
 
 from .._errors import UnknownRuleError, describe
-from ._base import REQUIRED, EmptyState, Hyperparameter, Rule
+from ._base import REQUIRED, EmptyState, Hyperparameter, Rule, choice, flag, integer, real
 from ._coherent import Coherent, CoherentState, coherence
 from ._fd_gr import FDGR
 from ._flooding import Flooding, flood, iflood
@@ -28,6 +28,10 @@ __all__ = [
     "Hyperparameter",
     "EmptyState",
     "REQUIRED",
+    "real",
+    "choice",
+    "flag",
+    "integer",
     "SGD",
     "SAM",
     "GNP",
@@ -50,7 +54,7 @@ REGISTRY: dict[str, type[Rule]] = {}
 
 
 def register(cls: type[Rule]) -> type[Rule]:
-    """Add a :class:`Rule` subclass to the registry under ``cls.name`` (usable as a decorator)."""
+    """Add a `Rule` subclass to the registry under `cls.name` (usable as a decorator)."""
     if not (isinstance(cls, type) and issubclass(cls, Rule)):
         raise TypeError(f"`cls` must be a subclass of gradnorm.rules.Rule. Received: {describe(cls)}.")
     if not isinstance(cls.name, str) or not cls.name:
@@ -73,8 +77,8 @@ def names() -> list[str]:
 def get(rule: Any, **hyperparameters: Any) -> Rule:
     """A rule object from a name and hyperparameters, or a rule object itself.
 
-    ``rule`` may be a registered name (``"sam"``), a :class:`Rule` subclass, or a :class:`Rule`
-    instance; hyperparameters given with an instance replace its own (``rule.replace``).
+    `rule` may be a registered name (`"sam"`), a `Rule` subclass, or a `Rule`
+    instance; hyperparameters given with an instance replace its own (`rule.replace`).
     """
     if isinstance(rule, Rule):
         return rule.replace(**hyperparameters) if hyperparameters else rule

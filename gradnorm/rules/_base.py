@@ -1,22 +1,22 @@
 """The rule protocol: hyperparameter specs, validation and the update template.
 
 A rule is an immutable object holding its hyperparameters, with two pure functions in the
-spirit of optax's ``GradientTransformation``:
+spirit of optax's `GradientTransformation`:
 
-* ``init(params) -> state``
-* ``update(params, state, oracle) -> (direction, state, info)``
+* `init(params) -> state`
+* `update(params, state, oracle) -> (direction, state, info)`
 
-``direction`` has the tree structure of ``params``; the user's base optimizer (SGD, momentum,
+`direction` has the tree structure of `params`; the user's base optimizer (SGD, momentum,
 Adam, ...) applies it. Rules are written against the Python Array API through
-:class:`gradnorm._tree.ArrayOps`, never against a framework, never mutate an input, and are
-traceable: no Python ``if`` on array values and no ``float()`` of an array, so the same code
-runs eagerly, under ``jax.jit`` and under ``tf.function`` without a device-to-host copy.
+`gradnorm._tree.ArrayOps`, never against a framework, never mutate an input, and are
+traceable: no Python `if` on array values and no `float()` of an array, so the same code
+runs eagerly, under `jax.jit` and under `tf.function` without a device-to-host copy.
 Python branches on *hyperparameters* that are Python numbers are allowed (they are static):
-for example a rule whose strength is the number ``0.0`` returns the gradient without spending
+for example a rule whose strength is the number `0.0` returns the gradient without spending
 the extra evaluations.
 
-Writing a new rule means subclassing :class:`Rule`, declaring ``name``, ``hyperparameters``
-and implementing :meth:`Rule._update` on flat lists of leaves (see the built-in rules).
+Writing a new rule means subclassing `Rule`, declaring `name`, `hyperparameters`
+and implementing `Rule._update` on flat lists of leaves (see the built-in rules).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _fail(rule: str, name: str, expectation: str, value: Any) -> HyperparameterE
 
 
 def real(lo: float | None = None, *, lo_open: bool = False, hi: float | None = None) -> Callable[[str, str, Any], Any]:
-    """A finite real number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``).
+    """A finite real number in `[lo, hi]` (`(lo, hi]` with `lo_open`).
 
     A 0-d array is accepted too (for schedules and traced values); its value is not checked,
     because reading it would force a device-to-host copy.
@@ -172,10 +172,10 @@ def is_static(value: Any, target: float) -> bool:
 class Rule:
     """Base class of every gradient-regularization rule.
 
-    Subclasses set ``name``, ``hyperparameters`` (``norm_eps`` is added for every rule),
-    ``needs_hvp`` and implement :meth:`_update` (and :meth:`_init` if they keep state).
-    Construct with keyword arguments: ``SAM(rho=0.05)``. Instances are immutable, comparable
-    and hashable (when their hyperparameters are Python values), and :meth:`replace` returns a
+    Subclasses set `name`, `hyperparameters` (`norm_eps` is added for every rule),
+    `needs_hvp` and implement `_update` (and `_init` if they keep state).
+    Construct with keyword arguments: `SAM(rho=0.05)`. Instances are immutable, comparable
+    and hashable (when their hyperparameters are Python values), and `replace` returns a
     copy with some hyperparameters changed.
     """
 
@@ -183,6 +183,14 @@ class Rule:
     hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
     needs_hvp: ClassVar[bool] = False
     state_type: ClassVar[type] = EmptyState
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_init" in cls.__dict__ and "state_type" not in cls.__dict__:
+            raise TypeError(
+                f"Rule subclass {cls.__qualname__} overrides `_init`, so it must also set the class attribute "
+                f"`state_type` to the type `_init` returns (a NamedTuple), which `update` checks `state` against."
+            )
 
     def __init__(self, **hyperparameters: Any):
         values = validate_hyperparameters(type(self), hyperparameters)
@@ -193,7 +201,7 @@ class Rule:
     # -- value semantics --------------------------------------------------------------
     @classmethod
     def spec(cls) -> tuple[Hyperparameter, ...]:
-        """All hyperparameters of the rule, ``norm_eps`` last."""
+        """All hyperparameters of the rule, `norm_eps` last."""
         return (*cls.hyperparameters, NORM_EPS)
 
     @property
@@ -240,7 +248,7 @@ class Rule:
 
     # -- the two pure functions -------------------------------------------------------
     def init(self, params: Any) -> Any:
-        """The initial state for ``params``."""
+        """The initial state for `params`."""
         leaves, _ = _tree.flatten(params)
         xp = check_params(leaves)
         return self._init(leaves, _tree.ArrayOps(xp))
@@ -256,22 +264,22 @@ class Rule:
         ops: _tree.ArrayOps | None = None,
         check: bool = True,
     ) -> tuple[Any, Any, dict[str, Any]]:
-        """One step: the descent direction at ``params``.
+        """One step: the descent direction at `params`.
 
         Args:
             params: the parameter tree (not modified).
-            state: the rule state from :meth:`init` or the previous update.
-            oracle: evaluates the loss, its gradient and, for ``gr``, Hessian-vector products.
-            loss, grads: the loss and gradient at ``params`` if the caller already has them
+            state: the rule state from `init` or the previous update.
+            oracle: evaluates the loss, its gradient and, for `gr`, Hessian-vector products.
+            loss, grads: the loss and gradient at `params` if the caller already has them
                 (an optimizer whose closure just ran); otherwise the oracle is asked.
             ops: leaf-list arithmetic; an adapter may pass a faster implementation.
             check: validate the oracle's answers (structure, shapes, dtypes).
 
         Returns:
-            ``(direction, state, info)``. ``info`` holds 0-d arrays (never read back to the
-            host here): ``loss``, ``grad_norm`` (of the gradient at ``params``),
-            ``update_norm`` (of the direction), ``finite`` (loss and direction finite), the
-            Python ints ``grad_evals`` and ``hvp_evals``, and rule-specific entries.
+            `(direction, state, info)`. `info` holds 0-d arrays (never read back to the
+            host here): `loss`, `grad_norm` (of the gradient at `params`),
+            `update_norm` (of the direction), `finite` (loss and direction finite), the
+            Python ints `grad_evals` and `hvp_evals`, and rule-specific entries.
         """
         leaves, treedef = _tree.flatten(params)
         xp = check_params(leaves)
@@ -298,7 +306,8 @@ class Rule:
             g = flat._check_tree(grads, "grads", "`grads`")
         grad_norm = ops.norm(g)
         direction, state, info = self._update(leaves, g, loss, grad_norm, state, flat, ops)
-        update_norm = ops.norm(direction)
+        # A rule that returns the gradient list itself (sgd, zero strength) saves a reduction.
+        update_norm = grad_norm if direction is g else ops.norm(direction)
         out = {
             "loss": loss,
             "grad_norm": grad_norm,
@@ -324,7 +333,7 @@ class Rule:
         oracle: FlatOracle,
         ops: _tree.ArrayOps,
     ) -> tuple[list[Any], Any, dict[str, Any]]:
-        """The rule's math on flat leaf lists: ``(direction, new_state, info)``."""
+        """The rule's math on flat leaf lists: `(direction, new_state, info)`."""
         raise NotImplementedError
 
 
@@ -359,11 +368,15 @@ def describe_spec(cls: type[Rule]) -> str:
 
 
 def check_params(leaves: list[Any]) -> Any:
-    """The namespace of ``leaves``; every leaf must be a real floating-point array."""
+    """The namespace of `leaves`; every leaf must be a real floating-point array."""
     xp = _tree.namespace_of(leaves)
+    checked = set()
     for leaf in leaves:
+        if leaf.dtype in checked:
+            continue
         if not xp.isdtype(leaf.dtype, "real floating"):
             raise ParamsError(
                 f"Every leaf of `params` must have a real floating-point dtype. Received a leaf {describe(leaf)}."
             )
+        checked.add(leaf.dtype)
     return xp

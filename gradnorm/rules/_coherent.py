@@ -12,15 +12,15 @@ __all__ = ["Coherent", "CoherentState", "coherence"]
 
 
 class CoherentState(NamedTuple):
-    """``step``: a 0-d int32 count of updates so far (for the ``delay``)."""
+    """`step`: a 0-d int32 count of updates so far (for the `delay`)."""
 
     step: Any
 
 
 def coherence(grads: list[Any], regularized: list[Any], grad_norm: Any, norm_eps: float, ops) -> Any:
-    r"""gradnorm's coherence criterion: the cosine between the data gradient :math:`g` and the
-    regularized direction :math:`g + \lambda\nabla R`,
-    :math:`\langle g, g + \lambda\nabla R\rangle / (\lVert g\rVert\,\lVert g + \lambda\nabla R\rVert + \epsilon)`.
+    r"""gradnorm's coherence criterion: the cosine between the data gradient $g$ and the
+    regularized direction $g + \lambda\nabla R$,
+    $\langle g, g + \lambda\nabla R\rangle / (\lVert g\rVert\,\lVert g + \lambda\nabla R\rVert + \epsilon)$.
 
     Kept as a small function of its own so that it can be replaced once the paper's exact
     measure is known.
@@ -32,26 +32,26 @@ class Coherent(Rule):
     r"""Gradient-coherent strong regularization: apply a strong L1/L2 term only while the
     gradients stay coherent in its presence.
 
-    .. math::
+    $$
+    R = \tfrac12\lVert\theta\rVert^2 \ (\text{l2}) \quad\text{or}\quad \lVert\theta\rVert_1
+    \ (\text{l1, subgradient } \operatorname{sign}\theta), \qquad
+    d = g + \text{gate}\cdot\lambda \nabla R,
+    $$
 
-        R = \tfrac12\lVert\theta\rVert^2 \ (\text{l2}) \quad\text{or}\quad \lVert\theta\rVert_1
-        \ (\text{l1, subgradient } \operatorname{sign}\theta), \qquad
-        d = g + \text{gate}\cdot\lambda \nabla R,
-
-    where gate is 1 while :math:`\cos(g, g + \lambda\nabla R) \ge` ``threshold`` and the step
-    count is at least ``delay`` (the "delayed strong regularization" of the authors' first
+    where gate is 1 while $\cos(g, g + \lambda\nabla R) \ge$ `threshold` and the step
+    count is at least `delay` (the "delayed strong regularization" of the authors' first
     version), and 0 otherwise. One gradient evaluation; the gate costs two reductions.
-    ``info`` reports ``gate``, ``coherence`` (the cosine) and ``sparsity``, the fraction of
-    parameters with :math:`|\theta| <` ``sparsity_tol`` (the paper's "compression").
+    `info` reports `gate`, `coherence` (the cosine) and `sparsity`, the fraction of
+    parameters with $|\theta| <$ `sparsity_tol` (the paper's "compression").
 
     References:
-        Park, Ho, Chang, Zhang. `Gradient-Coherent Strong Regularization for Deep Neural
-        Networks <https://arxiv.org/abs/1811.08056>`_ (earlier: "Achieving Strong
+        Park, Ho, Chang, Zhang. [Gradient-Coherent Strong Regularization for Deep Neural
+        Networks](https://arxiv.org/abs/1811.08056) (earlier: "Achieving Strong
         Regularization for Deep Neural Networks", ICLR 2018 submission).
 
     The paper's exact coherence measure, threshold and hysteresis could not be retrieved (only
     the abstracts were): the cosine criterion is **gradnorm's reading** of "impose the
-    regularizer only when the gradients stay coherent", implemented by :func:`coherence`.
+    regularizer only when the gradients stay coherent", implemented by `coherence`.
     """
 
     name = "coherent"
@@ -73,7 +73,7 @@ class Coherent(Rule):
         new_state = CoherentState(step=state.step + 1)
         if is_static_zero(self.lam):
             zero = ops.scalar(0.0, params)
-            return list(grads), new_state, {**info, "gate": zero, "coherence": zero + 1.0}
+            return grads, new_state, {**info, "gate": zero, "coherence": zero + 1.0}
         reg_grad = params if self.penalty == "l2" else ops.sign(params)
         regularized = ops.axpy(self.lam, reg_grad, grads)
         cos = coherence(grads, regularized, grad_norm, self.norm_eps, ops)

@@ -10,31 +10,31 @@ __all__ = ["FDGR"]
 class FDGR(Rule):
     r"""Gradient regularization with the Hessian-vector product replaced by a finite difference.
 
-    The objective is :math:`L + \tfrac{\gamma}{2}\lVert g\rVert^2` (as ``gr`` with
-    ``penalty="squared"``), whose gradient :math:`g + \gamma H g` is approximated along
-    :math:`g` with step :math:`s = \varepsilon` (or :math:`s = \varepsilon/(\lVert g\rVert +
-    \epsilon)` with ``normalize=True``):
+    The objective is $L + \tfrac{\gamma}{2}\lVert g\rVert^2$ (as `gr` with
+    `penalty="squared"`), whose gradient $g + \gamma H g$ is approximated along
+    $g$ with step $s = \varepsilon$ (or $s = \varepsilon/(\lVert g\rVert +
+    \epsilon)$ with `normalize=True`):
 
-    * ``difference="forward"`` (F-GR, an ascent step):
-      :math:`Hg \approx (\nabla L(\theta + s g) - g) / s`
-    * ``difference="backward"`` (B-GR, a descent step):
-      :math:`Hg \approx (g - \nabla L(\theta - s g)) / s`
-    * ``difference="central"``:
-      :math:`Hg \approx (\nabla L(\theta + s g) - \nabla L(\theta - s g)) / (2s)`
+    * `difference="forward"` (F-GR, an ascent step):
+      $Hg \approx (\nabla L(\theta + s g) - g) / s$
+    * `difference="backward"` (B-GR, a descent step):
+      $Hg \approx (g - \nabla L(\theta - s g)) / s$
+    * `difference="central"`:
+      $Hg \approx (\nabla L(\theta + s g) - \nabla L(\theta - s g)) / (2s)$
 
-    and :math:`d = g + \gamma\,(Hg \text{ estimate})`. On a quadratic loss all three equal
-    ``gr`` exactly, for any step. With ``gamma == eps`` (forward, not normalized) the direction
-    is :math:`\nabla L(\theta + \varepsilon g)`, an un-normalized SAM step. Cost: 2 gradient
-    evaluations (central: 3); ``gamma = 0`` returns :math:`g` after one.
+    and $d = g + \gamma\,(Hg \text{ estimate})$. On a quadratic loss all three equal
+    `gr` exactly, for any step. With `gamma == eps` (forward, not normalized) the direction
+    is $\nabla L(\theta + \varepsilon g)$, an un-normalized SAM step. Cost: 2 gradient
+    evaluations (central: 3); `gamma = 0` returns $g$ after one.
 
     References:
-        Karakida, Takase, Hayase, Osawa. `Understanding Gradient Regularization in Deep
+        Karakida, Takase, Hayase, Osawa. [Understanding Gradient Regularization in Deep
         Learning: Efficient Finite-Difference Computation and Implicit Bias
-        <https://arxiv.org/abs/2210.02720>`_, ICML 2023. The paper finds the forward (ascent)
+](https://arxiv.org/abs/2210.02720), ICML 2023. The paper finds the forward (ascent)
         difference with a large step works best, better than backward and than double backprop.
 
-    The paper defines the step on the raw gradient (no :math:`1/\lVert g\rVert`), which is the
-    default here; its experiments use SAM-like step grids, so ``normalize=True`` offers the
+    The paper defines the step on the raw gradient (no $1/\lVert g\rVert$), which is the
+    default here; its experiments use SAM-like step grids, so `normalize=True` offers the
     gradient-normalized step as well (which of the two the experiments used is unverified).
     No official code was released.
     """
@@ -55,7 +55,7 @@ class FDGR(Rule):
 
     def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
         if is_static_zero(self.gamma):
-            return list(grads), state, {"step_size": self.eps}
+            return grads, state, {"step_size": self.eps}
         step = self.eps / (grad_norm + self.norm_eps) if self.normalize else self.eps
         info = {"step_size": step}
         if self.difference == "forward":

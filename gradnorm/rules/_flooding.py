@@ -13,23 +13,23 @@ __all__ = ["Flooding", "flood", "iflood"]
 
 
 class Flooding(Rule):
-    r"""Flooding: the gradient of the flooded loss :math:`|L - b| + b`,
+    r"""Flooding: the gradient of the flooded loss $|L - b| + b$,
 
-    .. math:: d = \operatorname{sign}(L - b)\, g,
+    $$ d = \operatorname{sign}(L - b)\, g, $$
 
-    descent while the minibatch-mean loss is above the flood level :math:`b` and ascent
-    below it (exactly ``sgd`` while :math:`L > b`). One gradient evaluation, no state.
-    For full-batch gradient descent with learning rate :math:`\eta`, an ascent step followed by
-    a descent step moves :math:`\theta` by :math:`-\eta^2 H g + O(\eta^3)`, one
-    finite-difference gradient-regularization step with step :math:`\eta` (Karakida et al.,
-    2023): flooding performs FD-GR implicitly while the loss oscillates around :math:`b`.
+    descent while the minibatch-mean loss is above the flood level $b$ and ascent
+    below it (exactly `sgd` while $L > b$). One gradient evaluation, no state.
+    For full-batch gradient descent with learning rate $\eta$, an ascent step followed by
+    a descent step moves $\theta$ by $-\eta^2 H g + O(\eta^3)$, one
+    finite-difference gradient-regularization step with step $\eta$ (Karakida et al.,
+    2023): flooding performs FD-GR implicitly while the loss oscillates around $b$.
 
-    ``info["flood_sign"]`` is the sign applied (+1 descent, -1 ascent).
+    `info["flood_sign"]` is the sign applied (+1 descent, -1 ascent).
 
     References:
-        Ishida, Yamane, Sakai, Niu, Sugiyama. `Do We Need Zero Training Loss After Achieving
-        Zero Training Error? <https://arxiv.org/abs/2002.08709>`_, ICML 2020.
-        For the loss transforms see :func:`flood` and :func:`iflood`.
+        Ishida, Yamane, Sakai, Niu, Sugiyama. [Do We Need Zero Training Loss After Achieving
+        Zero Training Error?](https://arxiv.org/abs/2002.08709), ICML 2020.
+        For the loss transforms see `flood` and `iflood`.
     """
 
     name = "flooding"
@@ -48,10 +48,10 @@ def _check_level(b: Any, fn: str) -> Any:
 
 
 def flood(loss: Any, b: float) -> Any:
-    r"""The flooded loss :math:`|L - b| + b` of a minibatch-mean loss ``loss`` (Ishida et al., 2020).
+    r"""The flooded loss $|L - b| + b$ of a minibatch-mean loss `loss` (Ishida et al., 2020).
 
     Works on a scalar of any Array API library (and on autodiff tensors: differentiate the
-    result instead of ``loss``). Equivalent to the ``flooding`` rule.
+    result instead of `loss`). Equivalent to the `flooding` rule.
     """
     b = _check_level(b, "flood")
     xp = _namespace(loss, "loss")
@@ -59,9 +59,9 @@ def flood(loss: Any, b: float) -> Any:
 
 
 def iflood(losses: Any, b: float) -> Any:
-    r"""Instance-level flooding (iFlood, Xie et al., ICLR 2022): :math:`\frac1B\sum_i (|\ell_i - b| + b)`.
+    r"""Instance-level flooding (iFlood, Xie et al., ICLR 2022): $\frac1B\sum_i (|\ell_i - b| + b)$.
 
-    ``losses`` are the per-example losses (``reduction="none"``); each example is flooded
+    `losses` are the per-example losses (`reduction="none"`); each example is flooded
     separately, then the mean is taken, so an example already below the flood level is pushed
     back up while the others keep descending.
     """

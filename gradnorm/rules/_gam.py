@@ -11,37 +11,37 @@ __all__ = ["GAM"]
 
 class GAM(Rule):
     r"""Gradient norm aware minimization: penalizes first-order flatness,
-    :math:`R^{(1)}_\rho(\theta) = \rho \max_{\lVert\delta\rVert\le\rho}\lVert\nabla L(\theta+\delta)\rVert`.
+    $R^{(1)}_\rho(\theta) = \rho \max_{\lVert\delta\rVert\le\rho}\lVert\nabla L(\theta+\delta)\rVert$.
 
     The accelerated algorithm of the authors' code (four gradient evaluations, same minibatch),
-    with :math:`P(\theta, v, r) = \theta + r\, v/(\lVert v\rVert + \xi)`
-    (``adaptive``: :math:`\theta + r\,\theta^2 \odot v/(\lVert |\theta| \odot v\rVert + \xi)`):
+    with $P(\theta, v, r) = \theta + r\, v/(\lVert v\rVert + \xi)$
+    (`adaptive`: $\theta + r\,\theta^2 \odot v/(\lVert |\theta| \odot v\rVert + \xi)$):
 
-    1. :math:`g_0 = \nabla L(\theta)`
-    2. :math:`g_1 = \nabla L(P(\theta, g_0, \rho'))` with :math:`\rho'` = ``grad_rho``
-    3. :math:`g_2 = \nabla L(\theta_2)`, :math:`\theta_2 = P(\theta, g_1 - g_0, \rho)` with
-       :math:`\rho` = ``grad_norm_rho`` (ascent on the gradient norm, by finite difference)
-    4. :math:`g_3 = \nabla L(P(\theta_2, g_2, \rho'))`
-    5. :math:`h_+ = \beta_1 g_1 + (1-\beta_1) g_3` and
-       :math:`h_- = g_0 + |1-\beta_0|\, g_2` (code) or :math:`\beta_0 g_0 + (1-\beta_0) g_2`
-       (paper, ``variant="paper"``)
-    6. :math:`h_-^\perp = h_- - \cos(h_-, h_+)\, \lVert h_-\rVert\, h_+ / (\lVert h_+\rVert + \xi)`
-       with :math:`\cos = \langle h_-, h_+\rangle / (\lVert h_+\rVert \lVert h_-\rVert + \xi)`
-    7. :math:`d = h_+ - \gamma\, h_-^\perp` (:math:`\gamma` = ``grad_gamma``)
+    1. $g_0 = \nabla L(\theta)$
+    2. $g_1 = \nabla L(P(\theta, g_0, \rho'))$ with $\rho'$ = `grad_rho`
+    3. $g_2 = \nabla L(\theta_2)$, $\theta_2 = P(\theta, g_1 - g_0, \rho)$ with
+       $\rho$ = `grad_norm_rho` (ascent on the gradient norm, by finite difference)
+    4. $g_3 = \nabla L(P(\theta_2, g_2, \rho'))$
+    5. $h_+ = \beta_1 g_1 + (1-\beta_1) g_3$ and
+       $h_- = g_0 + |1-\beta_0|\, g_2$ (code) or $\beta_0 g_0 + (1-\beta_0) g_2$
+       (paper, `variant="paper"`)
+    6. $h_-^\perp = h_- - \cos(h_-, h_+)\, \lVert h_-\rVert\, h_+ / (\lVert h_+\rVert + \xi)$
+       with $\cos = \langle h_-, h_+\rangle / (\lVert h_+\rVert \lVert h_-\rVert + \xi)$
+    7. $d = h_+ - \gamma\, h_-^\perp$ ($\gamma$ = `grad_gamma`)
 
-    Hyperparameter names are the code's (``grad_beta_0`` = :math:`\beta`,
-    ``grad_beta_1`` = :math:`\alpha` in the paper). Defaults are the code's defaults
-    (CIFAR-100, ResNet): ``grad_rho=0.02, grad_norm_rho=0.2, grad_beta_0=0.5,
-    grad_beta_1=0.6, grad_gamma=0.03``. With ``grad_rho = grad_norm_rho = 0`` all four points
-    coincide and the rule returns :math:`g` after one evaluation.
+    Hyperparameter names are the code's (`grad_beta_0` = $\beta$,
+    `grad_beta_1` = $\alpha$ in the paper). Defaults are the code's defaults
+    (CIFAR-100, ResNet): `grad_rho=0.02, grad_norm_rho=0.2, grad_beta_0=0.5,
+    grad_beta_1=0.6, grad_gamma=0.03`. With `grad_rho = grad_norm_rho = 0` all four points
+    coincide and the rule returns $g$ after one evaluation.
 
     References:
-        Zhang, Xu, Yu, Zou, Cui. `Gradient Norm Aware Minimization Seeks First-Order Flatness
-        and Improves Generalization <https://arxiv.org/abs/2303.03108>`_, CVPR 2023.
-        Code: xxgege/GAM (``gam/gam.py``).
+        Zhang, Xu, Yu, Zou, Cui. [Gradient Norm Aware Minimization Seeks First-Order Flatness
+        and Improves Generalization](https://arxiv.org/abs/2303.03108), CVPR 2023.
+        Code: xxgege/GAM (`gam/gam.py`).
 
-    Differences from the paper: the code scales :math:`g_0` by 1 in :math:`h_-` instead of
-    :math:`\beta_0`; gradnorm follows the code by default (``variant="code"``). The code
+    Differences from the paper: the code scales $g_0$ by 1 in $h_-$ instead of
+    $\beta_0$; gradnorm follows the code by default (`variant="code"`). The code
     restores the weights by subtracting the perturbations; gradnorm never changes them.
     """
 
@@ -72,7 +72,7 @@ class GAM(Rule):
 
     def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
         if self._identity():
-            return list(grads), state, {}
+            return grads, state, {}
         eps = self.norm_eps
         g0 = grads
         if self.adaptive:

@@ -9,28 +9,28 @@ __all__ = ["GNP"]
 
 
 class GNP(Rule):
-    r"""Gradient norm penalty: the finite-difference gradient of :math:`L + \lambda\lVert g\rVert`.
+    r"""Gradient norm penalty: the finite-difference gradient of $L + \lambda\lVert g\rVert$.
 
-    .. math::
+    $$
+    \hat g = \frac{g}{\lVert g\rVert + \epsilon}, \qquad
+    d = (1 - \alpha)\, g + \alpha\, \nabla L(\theta + r \hat g), \qquad \alpha = \lambda / r.
+    $$
 
-        \hat g = \frac{g}{\lVert g\rVert + \epsilon}, \qquad
-        d = (1 - \alpha)\, g + \alpha\, \nabla L(\theta + r \hat g), \qquad \alpha = \lambda / r.
-
-    ``alpha = 1`` is SAM with ``rho = r`` (bit for bit: both use the same ascent point);
-    ``alpha = 0`` or ``r = 0`` returns :math:`g` after one evaluation. Two gradient evaluations
+    `alpha = 1` is SAM with `rho = r` (bit for bit: both use the same ascent point);
+    `alpha = 0` or `r = 0` returns $g$ after one evaluation. Two gradient evaluations
     on the same minibatch.
 
     References:
-        Zhao, Zhang, Hu. `Penalizing Gradient Norm for Efficiently Improving Generalization
-        in Deep Learning <https://arxiv.org/abs/2202.03599>`_, ICML 2022. Code: zhaoyang-0204/gnp.
+        Zhao, Zhang, Hu. [Penalizing Gradient Norm for Efficiently Improving Generalization
+        in Deep Learning](https://arxiv.org/abs/2202.03599), ICML 2022. Code: zhaoyang-0204/gnp.
 
     Differences from the official code:
-        * The official code's default (``norm_perturbations=True``) mixes the *unit* vector:
-          :math:`d = (1-\alpha)\hat g + \alpha \nabla L(\theta + r\hat g)`. gradnorm follows the
-          paper by default; ``mix_unit_gradient=True`` reproduces the code.
+        * The official code's default (`norm_perturbations=True`) mixes the *unit* vector:
+          $d = (1-\alpha)\hat g + \alpha \nabla L(\theta + r\hat g)$. gradnorm follows the
+          paper by default; `mix_unit_gradient=True` reproduces the code.
         * The official code divides by the raw norm (no epsilon) and clips the final gradient
           at global norm 5; clipping is the base optimizer's business here.
-        * The papers' recipes use ``alpha = 0.8`` and ``r = 0.1`` (CIFAR) or ``0.05`` (ImageNet).
+        * The papers' recipes use `alpha = 0.8` and `r = 0.1` (CIFAR) or `0.05` (ImageNet).
     """
 
     name = "gnp"
@@ -51,7 +51,7 @@ class GNP(Rule):
 
     def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
         if self._identity():
-            return list(grads), state, {"perturbed_loss": loss}
+            return grads, state, {"perturbed_loss": loss}
         point = ascent_point(params, grads, grad_norm, self.r, self.norm_eps, ops)
         perturbed_loss, perturbed_grads = oracle.value_and_grad(point)
         if is_static(self.alpha, 1.0):

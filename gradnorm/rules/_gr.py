@@ -10,27 +10,27 @@ __all__ = ["GR"]
 class GR(Rule):
     r"""Exact gradient regularization.
 
-    ``penalty="squared"``: the exact gradient of :math:`L + \tfrac{\gamma}{2}\lVert g\rVert^2`,
+    `penalty="squared"`: the exact gradient of $L + \tfrac{\gamma}{2}\lVert g\rVert^2$,
 
-    .. math:: d = g + \gamma\, H g.
+    $$ d = g + \gamma\, H g. $$
 
-    ``penalty="norm"``: the exact gradient of :math:`L + \gamma \lVert g\rVert`,
+    `penalty="norm"`: the exact gradient of $L + \gamma \lVert g\rVert$,
 
-    .. math:: d = g + \gamma\, \frac{H g}{\lVert g\rVert + \epsilon}.
+    $$ d = g + \gamma\, \frac{H g}{\lVert g\rVert + \epsilon}. $$
 
-    :math:`H g` comes from the oracle's Hessian-vector product (double backprop, or
+    $H g$ comes from the oracle's Hessian-vector product (double backprop, or
     forward-over-reverse autodiff in the adapters). Cost: one gradient and one HVP
-    (about 3 backward passes' worth of matrix products). ``gamma = 0`` returns :math:`g`.
+    (about 3 backward passes' worth of matrix products). `gamma = 0` returns $g$.
 
     References:
-        Barrett, Dherin. `Implicit Gradient Regularization <https://arxiv.org/abs/2009.11162>`_,
-        ICLR 2021 (the squared penalty). Karakida, Takase, Hayase, Osawa. `Understanding
+        Barrett, Dherin. [Implicit Gradient Regularization](https://arxiv.org/abs/2009.11162),
+        ICLR 2021 (the squared penalty). Karakida, Takase, Hayase, Osawa. [Understanding
         Gradient Regularization in Deep Learning: Efficient Finite-Difference Computation and
-        Implicit Bias <https://arxiv.org/abs/2210.02720>`_, ICML 2023 (double backprop as the
+        Implicit Bias](https://arxiv.org/abs/2210.02720), ICML 2023 (double backprop as the
         exact baseline). Zhao, Zhang, Hu, ICML 2022 (the norm penalty).
 
     Exact second derivatives are unavailable for some kernels (fused attention, cuDNN RNNs)
-    and under DistributedDataParallel; use ``fd_gr`` there.
+    and under DistributedDataParallel; use `fd_gr` there.
     """
 
     name = "gr"
@@ -46,7 +46,7 @@ class GR(Rule):
 
     def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
         if is_static_zero(self.gamma):
-            return list(grads), state, {}
+            return grads, state, {}
         hg = oracle.hvp(params, grads)
         coeff = self.gamma if self.penalty == "squared" else self.gamma / (grad_norm + self.norm_eps)
         return ops.axpy(coeff, hg, grads), state, {}

@@ -10,37 +10,37 @@ __all__ = ["SAM", "ascent_point"]
 
 
 def ascent_point(params: list[Any], direction: list[Any], direction_norm: Any, radius: Any, norm_eps: float, ops) -> list[Any]:
-    r""":math:`\theta + r\, v / (\lVert v\rVert + \epsilon)`, shared by SAM and GNP so that
-    ``gnp(alpha=1, r)`` and ``sam(rho=r)`` take bit-identical steps."""
+    r"""$\theta + r\, v / (\lVert v\rVert + \epsilon)$, shared by SAM and GNP so that
+    `gnp(alpha=1, r)` and `sam(rho=r)` take bit-identical steps."""
     return ops.axpy(radius / (direction_norm + norm_eps), direction, params)
 
 
 class SAM(Rule):
     r"""Sharpness-aware minimization, optionally adaptive (ASAM).
 
-    .. math::
+    $$
+    e = \rho\, \frac{g}{\lVert g\rVert + \epsilon}, \qquad d = \nabla L(\theta + e).
+    $$
 
-        e = \rho\, \frac{g}{\lVert g\rVert + \epsilon}, \qquad d = \nabla L(\theta + e).
+    Adaptive (ASAM): with $T = |\theta| + \eta$ elementwise,
+    $e = \rho\, T^2 \odot g / (\lVert T \odot g\rVert + \epsilon)$.
 
-    Adaptive (ASAM): with :math:`T = |\theta| + \eta` elementwise,
-    :math:`e = \rho\, T^2 \odot g / (\lVert T \odot g\rVert + \epsilon)`.
-
-    Two gradient evaluations on the same minibatch; ``rho = 0`` returns :math:`g` after one.
-    The norm is global over all leaves and :math:`\epsilon` (``norm_eps``) is added outside the
+    Two gradient evaluations on the same minibatch; `rho = 0` returns $g$ after one.
+    The norm is global over all leaves and $\epsilon$ (`norm_eps`) is added outside the
     square root, as in the PyTorch reference code (davda54/sam, pytorch_optimizer).
 
     References:
-        Foret, Kleiner, Mobahi, Neyshabur. `Sharpness-Aware Minimization for Efficiently
-        Improving Generalization <https://arxiv.org/abs/2010.02412>`_, ICLR 2021.
-        Kwon, Kim, Park, Choi. `ASAM: Adaptive Sharpness-Aware Minimization
-        <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
+        Foret, Kleiner, Mobahi, Neyshabur. [Sharpness-Aware Minimization for Efficiently
+        Improving Generalization](https://arxiv.org/abs/2010.01412), ICLR 2021.
+        Kwon, Kim, Park, Choi. [ASAM: Adaptive Sharpness-Aware Minimization
+](https://arxiv.org/abs/2102.11600), ICML 2021.
 
     Differences from the official code:
-        * google-research/sam and ``optax.contrib.sam`` divide by the raw norm (NaN at
-          :math:`g = 0`); gradnorm adds ``norm_eps`` (set it to 0 to match them exactly).
-        * The official ASAM applies :math:`\eta` only to parameters named ``weight`` (biases get
-          :math:`T = 1`); gradnorm, like davda54/sam, applies :math:`T = |\theta| + \eta` to
-          every leaf. ASAM needs a larger ``rho`` than SAM (0.5 to 2.0 in the papers' code).
+        * google-research/sam and `optax.contrib.sam` divide by the raw norm (NaN at
+          $g = 0$); gradnorm adds `norm_eps` (set it to 0 to match them exactly).
+        * The official ASAM applies $\eta$ only to parameters named `weight` (biases get
+          $T = 1$); gradnorm, like davda54/sam, applies $T = |\theta| + \eta$ to
+          every leaf. ASAM needs a larger `rho` than SAM (0.5 to 2.0 in the papers' code).
         * Weight decay belongs to the base optimizer, so it is not part of the perturbation.
     """
 
@@ -57,7 +57,7 @@ class SAM(Rule):
 
     def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
         if is_static_zero(self.rho):
-            return list(grads), state, {"perturbed_loss": loss}
+            return grads, state, {"perturbed_loss": loss}
         if self.adaptive:
             t = ops.add_scalar(ops.abs(params), self.eta) if not is_static_zero(self.eta) else ops.abs(params)
             tg = ops.mul(t, grads)

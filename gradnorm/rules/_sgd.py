@@ -8,7 +8,7 @@ __all__ = ["SGD"]
 
 
 class SGD(Rule):
-    r"""The plain minibatch gradient, :math:`d = g = \nabla L(\theta)`.
+    r"""The plain minibatch gradient, $d = g = \nabla L(\theta)$.
 
     The reference every other rule must reduce to at zero strength. One gradient evaluation.
     """
@@ -16,4 +16,4 @@ class SGD(Rule):
     name = "sgd"
 
     def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
-        return list(grads), state, {}
+        return grads, state, {}
