@@ -42,7 +42,8 @@ def problem_data(name: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray
         a = _round32(m @ m.T / 5 + 0.5 * np.eye(5))
         a = (a + a.T) / 2  # exactly symmetric (and still exact in float32)
         center = _round32(rng.standard_normal(5))
-        data = {"A11": a[:3, :3], "A12": a[:3, 3:], "A21": a[3:, :3], "A22": a[3:, 3:], "cw": center[:3], "cv": center[3:]}
+        data = {"A11": a[:3, :3], "A12": a[:3, 3:], "A21": a[3:, :3], "A22": a[3:, 3:]}
+        data.update(cw=center[:3], cv=center[3:])
         x = _round32(center + rng.standard_normal(5))
         params = {"w": x[:3], "v": x[3:]}
     else:
@@ -248,7 +249,8 @@ def assert_info_close(actual: dict[str, Any], expected: dict[str, Any], rtol: fl
         if e.dtype == np.bool_:
             assert a.dtype == np.bool_ and bool(a) == bool(e), f"{what}: info[{key!r}]"
         else:
-            np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * max(1.0, float(np.abs(e))), err_msg=f"{what}: info[{key!r}]")
+            atol = rtol * max(1.0, float(np.abs(e)))
+            np.testing.assert_allclose(a, e, rtol=rtol, atol=atol, err_msg=f"{what}: info[{key!r}]")
 
 
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5}
