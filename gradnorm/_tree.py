@@ -154,14 +154,13 @@ class ArrayOps:
     def count_below(self, x: Leaves, tol: float) -> Any:
         """Fraction of all entries with `|x| < tol` (0-d, accumulation dtype)."""
         xp = self.xp
-        acc = self._acc_dtype(x)
         below = None
         total = 0
         for a in x:
-            part = xp.sum(xp.astype(xp.abs(a) < tol, acc))
+            part = xp.count_nonzero(xp.abs(a) < tol)
             below = part if below is None else below + part
             total += array_api_compat.size(a) or 0
-        return below / max(total, 1)
+        return xp.astype(below, self._acc_dtype(x)) / max(total, 1)
 
     def isfinite(self, s: Any) -> Any:
         return self.xp.isfinite(s)
