@@ -12,12 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-NORM_EPS = 1e-12
-U = float(np.finfo(np.float64).eps)
-
-
-def norm(v: np.ndarray) -> float:
-    return float(np.sqrt(np.sum(v * v)))
+from conformance.reference import NORM_EPS, U, norm  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,177 +174,16 @@ class TreeOracle:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Expected:
-    direction: np.ndarray
-    info: dict[str, float]  # derivable scalar info entries
-    grad_evals: int
-    hvp_evals: int = 0
-    atol: float = 0.0  # extra absolute tolerance for round-off the math amplifies (finite differences)
-
-
-def _base_info(problem: Any, x: np.ndarray, g: np.ndarray, d: np.ndarray) -> dict[str, float]:
-    return {"loss": problem.loss(x), "grad_norm": norm(g), "update_norm": norm(d)}
-
-
-def _offset(base: np.ndarray, v: np.ndarray, r: float, adaptive: bool, eta: float, eps: float) -> np.ndarray:
-    """r v/(||v||+eps), or the ASAM form r T^2 v/(||T v||+eps) with T = |base| + eta."""
-    if adaptive:
-        t = np.abs(base) + eta
-        return r * t * t * v / (norm(t * v) + eps)
-    return r * v / (norm(v) + eps)
-
-
-def ref_sgd(p: Any, x: np.ndarray, *, norm_eps: float = NORM_EPS) -> Expected:
-    g = p.grad(x)
-    return Expected(g, _base_info(p, x, g, g), 1)
-
-
-def ref_sam(p: Any, x: np.ndarray, *, rho: float, adaptive: bool = False, eta: float = 0.0,
-            norm_eps: float = NORM_EPS) -> Expected:
-    g = p.grad(x)
-    if rho == 0:
-        return Expected(g, _base_info(p, x, g, g), 1)
-    xe = x + _offset(x, g, rho, adaptive, eta, norm_eps)
-    d = p.grad(xe)
-    info = _base_info(p, x, g, d)
-    info["perturbed_loss"] = p.loss(xe)
-    return Expected(d, info, 2)
-
-
-def ref_gnp(p: Any, x: np.ndarray, *, r: float, alpha: float, mix_unit_gradient: bool = False,
-            norm_eps: float = NORM_EPS) -> Expected:
-    g = p.grad(x)
-    if r == 0 or alpha == 0:
-        return Expected(g, _base_info(p, x, g, g), 1)
-    ghat = g / (norm(g) + norm_eps)
-    xe = x + r * ghat
-    first = ghat if mix_unit_gradient else g
-    d = (1.0 - alpha) * first + alpha * p.grad(xe)
-    info = _base_info(p, x, g, d)
-    info["perturbed_loss"] = p.loss(xe)
-    return Expected(d, info, 2)
-
-
-def ref_gr(p: Any, x: np.ndarray, *, gamma: float, penalty: str = "squared", norm_eps: float = NORM_EPS) -> Expected:
-    g = p.grad(x)
-    if gamma == 0:
-        return Expected(g, _base_info(p, x, g, g), 1)
-    hg = p.hvp(x, g)
-    if penalty == "squared":
-        d = g + gamma * hg
-    elif penalty == "norm":
-        d = g + gamma * hg / (norm(g) + norm_eps)
-    else:
-        raise AssertionError(penalty)
-    return Expected(d, _base_info(p, x, g, d), 1, 1)
-
-
-def ref_fd_gr(p: Any, x: np.ndarray, *, gamma: float, eps: float, difference: str = "forward",
-              normalize: bool = False, norm_eps: float = NORM_EPS) -> Expected:
-    g = p.grad(x)
-    if gamma == 0:
-        return Expected(g, _base_info(p, x, g, g), 1)
-    s = eps / (norm(g) + norm_eps) if normalize else eps
-    extra: dict[str, float] = {"step_size": s}
-    grads = [g]
-    if difference == "forward":
-        gp = p.grad(x + s * g)
-        grads.append(gp)
-        hg = (gp - g) / s
-        extra["ascent_loss"] = p.loss(x + s * g)
-        evals, denom = 2, s
-    elif difference == "backward":
-        gm = p.grad(x - s * g)
-        grads.append(gm)
-        hg = (g - gm) / s
-        extra["descent_loss"] = p.loss(x - s * g)
-        evals, denom = 2, s
-    elif difference == "central":
-        gp, gm = p.grad(x + s * g), p.grad(x - s * g)
-        grads += [gp, gm]
-        hg = (gp - gm) / (2 * s)
-        extra["ascent_loss"] = p.loss(x + s * g)
-        extra["descent_loss"] = p.loss(x - s * g)
-        evals, denom = 3, 2 * s
-    else:
-        raise AssertionError(difference)
-    d = g + gamma * hg
-    info = _base_info(p, x, g, d)
-    info.update(extra)
-    # Round-off of a difference quotient: a few ulps of the gradients (and of the points,
-    # times the curvature) divided by the step, times gamma.
-    scale = max(norm(v) for v in grads) + norm(x) * max(1.0, norm(hg) / max(norm(g), 1e-300))
-    atol = 64 * U * abs(gamma) * scale / denom
-    return Expected(d, info, evals, 0, atol)
-
-
-def ref_gam(p: Any, x: np.ndarray, *, grad_rho: float = 0.02, grad_norm_rho: float = 0.2,
-            grad_beta_0: float = 0.5, grad_beta_1: float = 0.6, grad_gamma: float = 0.03,
-            adaptive: bool = False, variant: str = "code", norm_eps: float = NORM_EPS) -> Expected:
-    g0 = p.grad(x)
-    if grad_rho == 0 and grad_norm_rho == 0:
-        return Expected(g0, _base_info(p, x, g0, g0), 1)
-    x1 = x + _offset(x, g0, grad_rho, adaptive, 0.0, norm_eps)
-    g1 = p.grad(x1)
-    x2 = x + _offset(x, g1 - g0, grad_norm_rho, adaptive, 0.0, norm_eps)
-    g2 = p.grad(x2)
-    x3 = x2 + _offset(x2, g2, grad_rho, adaptive, 0.0, norm_eps)
-    g3 = p.grad(x3)
-    hp = grad_beta_1 * g1 + (1.0 - grad_beta_1) * g3
-    if variant == "code":
-        hm = g0 + abs(1.0 - grad_beta_0) * g2
-    elif variant == "paper":
-        hm = grad_beta_0 * g0 + (1.0 - grad_beta_0) * g2
-    else:
-        raise AssertionError(variant)
-    cos = float(hm @ hp) / (norm(hp) * norm(hm) + norm_eps)
-    perp = hm - cos * norm(hm) * hp / (norm(hp) + norm_eps)
-    d = hp - grad_gamma * perp
-    info = _base_info(p, x, g0, d)
-    info.update(perturbed_loss=p.loss(x1), norm_ascent_loss=p.loss(x2),
-                norm_ascent_perturbed_loss=p.loss(x3), cosine=cos)
-    return Expected(d, info, 4)
-
-
-def ref_flooding(p: Any, x: np.ndarray, *, b: float, norm_eps: float = NORM_EPS) -> Expected:
-    g = p.grad(x)
-    sgn = float(np.sign(p.loss(x) - b))
-    d = sgn * g
-    info = _base_info(p, x, g, d)
-    info["flood_sign"] = sgn
-    return Expected(d, info, 1)
-
-
-def ref_coherent(p: Any, x: np.ndarray, *, lam: float, threshold: float, penalty: str = "l2", delay: int = 0,
-                 sparsity_tol: float = 1e-3, step: int = 0, norm_eps: float = NORM_EPS) -> Expected:
-    g = p.grad(x)
-    if penalty == "l2":
-        rgrad = x.copy()
-    elif penalty == "l1":
-        rgrad = np.sign(x)
-    else:
-        raise AssertionError(penalty)
-    reg = g + lam * rgrad
-    cos = float(g @ reg) / (norm(g) * norm(reg) + norm_eps)
-    gate = 1.0 if (cos >= threshold and step >= delay) else 0.0
-    d = g + gate * lam * rgrad
-    info = _base_info(p, x, g, d)
-    info.update(gate=gate, coherence=cos, sparsity=float(np.mean(np.abs(x) < sparsity_tol)))
-    return Expected(d, info, 1)
-
-
-REFERENCES: dict[str, Callable[..., Expected]] = {
-    "sgd": ref_sgd,
-    "sam": ref_sam,
-    "gnp": ref_gnp,
-    "gr": ref_gr,
-    "fd_gr": ref_fd_gr,
-    "gam": ref_gam,
-    "flooding": ref_flooding,
-    "coherent": ref_coherent,
-}
-
-
-def reference(rule: str, problem: Any, x: np.ndarray, **hyper: Any) -> Expected:
-    return REFERENCES[rule](problem, x, **hyper)
+from conformance.reference import (  # noqa: E402,F401  (the rule math lives with the conformance suite)
+    REFERENCES,
+    Expected,
+    ref_coherent,
+    ref_fd_gr,
+    ref_flooding,
+    ref_gam,
+    ref_gnp,
+    ref_gr,
+    ref_sam,
+    ref_sgd,
+    reference,
+)
