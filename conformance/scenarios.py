@@ -57,7 +57,7 @@ _COHERENT = {
     "mlp": (_h(lam=0.3, penalty="l2", threshold=0.3, delay=2), _h(lam=0.05, penalty="l1", threshold=0.5)),
 }
 _LR = {  # (sgd, momentum)
-    "quadratic": (0.004, 0.002),
+    "quadratic": (0.002, 0.001),
     "logistic": (0.5, 0.1),
     "mlp": (0.3, 0.05),
 }

@@ -37,6 +37,10 @@ class Backend:
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
         return f"not installed: {', '.join(missing)}" if missing else None
 
+    def covers(self, scenario: Scenario) -> bool:
+        """Whether this backend runs ``scenario`` (all by default)."""
+        return True
+
     def run(self, scenario: Scenario, problem: Problem, dtype: str) -> Trajectory:
         """Run ``scenario`` from ``problem.params0()`` in ``dtype``; record the flat parameters
         before every step and after the last, and the loss each step reports."""
