@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_identities:
         rows += run_identities(backends, args.dtype)
     if args.external:
-        from .external import compare_external
+        from .external import compare_external, table_rows
 
-        rows += compare_external()
+        rows += table_rows(compare_external())
     print(render(rows))
     failures = [r for r in rows if not r["passed"]]
     for r in failures if args.verbose else failures[:10]:

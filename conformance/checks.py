@@ -22,7 +22,7 @@ from .problems import PROBLEMS
 from .reference import Trajectory
 from .scenarios import Scenario
 
-TOLERANCE = {"float64": 1e-10, "float32": 5e-5}
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 
 
 @dataclass

@@ -64,7 +64,10 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[list[str], list[tuple[str, st
         if row["rule"] not in rules:
             rules.append(row["rule"])
         cells[(row["backend"], row["dtype"], row["rule"])].append(row)
-    rules.sort(key=lambda r: (r == "identities", r == "external", 0))
+    import gradnorm
+
+    order = {name: i for i, name in enumerate([*gradnorm.rules.names(), "sam(adaptive)", "identities"])}
+    rules.sort(key=lambda r: order.get(r, len(order)))
     return rules, lines, cells
 
 
@@ -98,6 +101,7 @@ def render(rows: list[dict[str, Any]], title: str = "gradnorm conformance") -> s
         table.add_row(*[f"[red]{c}[/red]" if c.startswith("FAIL") else c for c in row])
     import io
 
-    console = Console(record=True, file=io.StringIO(), width=max(120, 20 * len(header)))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    console = Console(record=True, file=io.StringIO(), width=sum(w + 3 for w in widths) + 1)
     console.print(table)
     return console.export_text()
