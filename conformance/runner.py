@@ -68,6 +68,10 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[list[str], list[tuple[str, st
 
     order = {name: i for i, name in enumerate([*gradnorm.rules.names(), "sam(adaptive)", "identities"])}
     rules.sort(key=lambda r: order.get(r, len(order)))
+    from .backends import BACKENDS
+
+    backend_order = {name: i for i, name in enumerate(BACKENDS)}
+    lines.sort(key=lambda bd: (backend_order.get(bd[0], len(backend_order)), bd[0], bd[1] != "float64"))
     return rules, lines, cells
 
 
