@@ -78,9 +78,9 @@ def get_backend(name: str) -> Backend:
 
 
 def _register_builtin() -> None:
-    from . import jax_core, numpy_core, torch_core
+    from . import jax_core, numpy_core, torch_adapter, torch_core
 
-    for module in (numpy_core, torch_core, jax_core):
+    for module in (numpy_core, torch_core, torch_adapter, jax_core):
         for backend in module.BACKENDS:
             register(backend)
 

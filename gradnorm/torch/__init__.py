@@ -1,0 +1,19 @@
+"""gradnorm for PyTorch: a ``torch.optim``-style optimizer, a functional step on ``torch.func``,
+and fused multi-tensor (``torch._foreach_*``) tree arithmetic.
+
+Importing this module imports torch; ``import gradnorm`` alone does not.
+"""
+
+from __future__ import annotations
+
+try:
+    import torch as _torch  # noqa: F401
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "gradnorm.torch needs PyTorch: `pip install \"gradnorm[torch]\"` (or install torch for your platform)."
+    ) from err
+
+from ._ops import TorchForeachOps
+from ._optimizer import ClosureError, Optimizer
+
+__all__ = ["Optimizer", "ClosureError", "TorchForeachOps"]

@@ -1,0 +1,278 @@
+"""``gradnorm.torch.Optimizer``: any gradnorm rule around any ``torch.optim`` optimizer."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .. import rules as _rules
+from .._errors import GradnormError, HyperparameterError, describe
+from ._ops import TorchForeachOps
+
+__all__ = ["Optimizer", "ClosureError"]
+
+
+class ClosureError(GradnormError, TypeError):
+    """``step`` was called without a usable closure."""
+
+
+def _accepts_create_graph(closure: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(closure).parameters
+    except (TypeError, ValueError):  # builtins, C callables
+        return False
+    return "create_graph" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+class _ClosureOracle:
+    """The gradnorm oracle of one optimizer step: evaluates the user's closure at any point by
+    writing the point into the parameters (the weights are restored by the optimizer)."""
+
+    def __init__(self, params: list[torch.Tensor], closure: Callable[..., Any] | None, needs_hvp: bool):
+        self.params = params
+        self.closure = closure
+        self.has_hvp = needs_hvp
+        self.moved = False  # whether the weights left their values (then they must be restored)
+        self._graph: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (point, grads with graph)
+
+    def _run(self, create_graph: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self.closure is None:
+            raise ClosureError(
+                "This rule evaluates the loss at perturbed weights: pass `closure` to `step` (a function that "
+                "zeroes the gradients, computes the loss on the current minibatch, calls `loss.backward()` and "
+                "returns the loss)."
+            )
+        for p in self.params:
+            p.grad = None
+        with torch.enable_grad():
+            loss = self.closure(create_graph=True) if create_graph else self.closure()
+        if not isinstance(loss, torch.Tensor):
+            raise ClosureError(f"`closure` must return the loss as a tensor. Received: {describe(loss)}.")
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        for p in self.params:
+            p.grad = None
+        return loss.detach(), grads
+
+    def _move_to(self, point: list[torch.Tensor]) -> None:
+        if any(a is not b for a, b in zip(point, self.params)):
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, point)
+            self.moved = True
+
+    def first(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Loss and gradient at the current weights (kept with their graph for ``gr``)."""
+        if not self.has_hvp:
+            return self._run()
+        loss, grads = self._run(create_graph=True)
+        detached = [g.detach() for g in grads]
+        self._graph = (detached, grads)
+        return loss, detached
+
+    def value_and_grad(self, point: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        self._move_to(point)
+        return self._run()
+
+    def hvp(self, point: list[torch.Tensor], v: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self._graph is None or any(a is not b for a, b in zip(point, self.params)):
+            raise ClosureError("gradnorm.torch.Optimizer computes Hessian-vector products at the current weights only.")
+        _, grads = self._graph
+        with_graph = [(i, g) for i, g in enumerate(grads) if g.requires_grad]
+        out = [torch.zeros_like(p) for p in self.params]
+        if with_graph:
+            idx, gs = zip(*with_graph)
+            hv = torch.autograd.grad(gs, self.params, grad_outputs=[v[i] for i in idx], allow_unused=True)
+            out = [h if h is not None else torch.zeros_like(p) for h, p in zip(hv, self.params)]
+        self._graph = None
+        return out
+
+
+class Optimizer(torch.optim.Optimizer):
+    r"""A gradnorm rule around a ``torch.optim`` optimizer.
+
+    At every :meth:`step` the rule turns the minibatch gradient into its direction (evaluating
+    the closure at perturbed weights where the rule needs to), the weights are put back exactly,
+    and the base optimizer applies the direction as if it were the gradient: momentum, Adam,
+    weight decay, schedules and gradient clipping hooks work as usual.
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim`` optimizer (ignored
+            when ``base`` is an optimizer instance, whose groups are used).
+        base: a ``torch.optim.Optimizer`` class (built with the remaining keyword arguments) or
+            an instance.
+        rule: a rule name (``"sam"``, ``"gnp"``, ``"fd_gr"``, ...) or a ``gradnorm.rules.Rule``.
+        skip_nonfinite: skip the base update (and keep the weights) when the loss or the
+            direction is not finite, as ``GradScaler`` does. Deciding costs one device-to-host
+            read per step; set False to never synchronise (non-finite steps are still reported
+            in :attr:`last_info`).
+        **kwargs: the rule's hyperparameters (``rho=0.05``) and the base optimizer's arguments
+            (``lr=0.1, momentum=0.9``); a name that is neither is an error.
+
+    The closure follows ``torch.optim.LBFGS``: it zeroes the gradients, computes the loss on the
+    current minibatch, calls ``backward`` and returns the loss. ``step(closure)`` calls it at the
+    current weights first and returns that loss. For ``rule="gr"`` the closure must accept a
+    ``create_graph`` keyword and pass it to ``backward`` (``loss.backward(create_graph=create_graph)``)
+    so that the optimizer can differentiate the gradient once more.
+
+    Custom loops may compute the first pass themselves: ``loss.backward(); opt.step(closure,
+    loss=loss)`` uses the gradients already in ``.grad`` and calls ``closure`` only for the extra
+    evaluations (none for ``sgd``, ``flooding``, ``coherent``, which then need no closure).
+
+    ``state_dict()`` is the base optimizer's state dict plus a ``"gradnorm"`` entry with the rule
+    and its state; it never holds copies of weights. ``.grad`` holds the rule's direction after
+    a step (PyTorch's optimizers leave ``.grad`` alone; gradnorm writes the direction there for the
+    base optimizer).
+    """
+
+    def __init__(self, params: Any, base: Any, rule: Any = "sam", *, skip_nonfinite: bool = True, **kwargs: Any):
+        rule_cls = _rule_class(rule)
+        names = {h.name for h in rule_cls.spec()} if rule_cls is not None else set()
+        rule_kwargs = {k: v for k, v in kwargs.items() if k in names}
+        base_kwargs = {k: v for k, v in kwargs.items() if k not in names}
+        self.rule = _rules.get(rule, **rule_kwargs)
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"`skip_nonfinite` must be True or False. Received: {describe(skip_nonfinite)}.")
+        self.skip_nonfinite = skip_nonfinite
+        if isinstance(base, torch.optim.Optimizer):
+            if base_kwargs:
+                raise HyperparameterError(
+                    f"Unknown keyword arguments {sorted(base_kwargs)}: `base` is an optimizer instance, so only the "
+                    f"hyperparameters of rule '{self.rule.name}' ({', '.join(sorted(names))}) may be given here."
+                )
+            self.base = base
+        elif isinstance(base, type) and issubclass(base, torch.optim.Optimizer):
+            _check_base_kwargs(base, base_kwargs, self.rule, names)
+            self.base = base(params, **base_kwargs)
+        else:
+            raise TypeError(
+                f"`base` must be a torch.optim.Optimizer class (such as torch.optim.SGD) or instance. Received: {describe(base)}."
+            )
+        super().__init__(self.base.param_groups, dict(self.base.defaults))
+        # Share the base optimizer's group dicts and state: LR schedulers and anything else that
+        # edits `param_groups` act on the optimizer that applies the update.
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+        self.rule_state: Any = None
+        self.last_info: dict[str, Any] = {}
+        self._ops = TorchForeachOps()
+
+    # -- the step ---------------------------------------------------------------------------
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def step(self, closure: Callable[..., Any] | None = None, *, loss: torch.Tensor | None = None) -> Any:  # type: ignore[override]
+        """One training step; returns the loss at the current weights (from the closure's first
+        call, or ``loss`` when given)."""
+        params = self._params()
+        if self.rule.needs_hvp:
+            if loss is not None:
+                raise ClosureError(f"Rule '{self.rule.name}' needs the first pass with `create_graph`: call `step(closure)` without `loss`.")
+            if closure is None or not _accepts_create_graph(closure):
+                raise ClosureError(
+                    f"Rule '{self.rule.name}' differentiates the gradient: `closure` must accept `create_graph` and pass it "
+                    f"to backward, e.g. `def closure(create_graph=False): opt.zero_grad(); loss = loss_fn(); "
+                    f"loss.backward(create_graph=create_graph); return loss`. Received: {describe(closure)}."
+                )
+        elif closure is None and loss is None:
+            raise ClosureError(
+                "`step` needs `closure` (it computes the loss and gradients itself, as torch.optim.LBFGS does), or "
+                "`loss=` with the gradients already in `.grad`."
+            )
+        if self.rule_state is None:
+            self.rule_state = self.rule.init(params)
+        oracle = _ClosureOracle(params, closure, self.rule.needs_hvp)
+        # Rules evaluate the closure at points computed from the weights, and the oracle writes
+        # those points into the live parameters: the rule must see a snapshot, which is also the
+        # exact copy the weights are restored from (the one parameter-sized buffer of the floor).
+        backup = [p.detach().clone() for p in params] if self.rule.grad_evals > 1 else None
+        point = backup if backup is not None else params
+        try:
+            if loss is None:
+                first_loss, grads = oracle.first()
+            else:
+                first_loss = loss.detach()
+                grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
+            direction, state, info = self.rule.update(
+                point, self.rule_state, oracle, loss=first_loss, grads=grads, ops=self._ops, check=False
+            )
+        finally:
+            if oracle.moved:
+                with torch.no_grad():
+                    torch._foreach_copy_(params, backup)
+        self.last_info = info
+        if self.skip_nonfinite and not bool(info["finite"]):
+            for p, g in zip(params, grads):
+                p.grad = g
+            return first_loss
+        self.rule_state = state
+        for p, d in zip(params, direction):
+            p.grad = d
+        self.base.step()
+        return first_loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        out = self.base.state_dict()
+        rule_state = None if self.rule_state is None else {k: v for k, v in self.rule_state._asdict().items()}
+        out["gradnorm"] = {"rule": self.rule.name, "hyperparameters": _plain(self.rule.config), "state": rule_state}
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("gradnorm", None)
+        self.base.load_state_dict(state_dict)
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+        if extra is None:
+            return
+        if extra.get("rule") != self.rule.name:
+            raise ValueError(
+                f"`state_dict` was saved with rule '{extra.get('rule')}'; this optimizer runs rule '{self.rule.name}'."
+            )
+        saved = extra.get("state")
+        if saved is None:
+            self.rule_state = None
+        else:
+            device = self._params()[0].device
+            self.rule_state = self.rule.state_type(
+                **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in saved.items()}
+            )
+
+    def __repr__(self) -> str:
+        return f"gradnorm.torch.Optimizer({self.rule!r}, base={self.base!r})"
+
+
+def _rule_class(rule: Any) -> type[_rules.Rule] | None:
+    if isinstance(rule, _rules.Rule):
+        return None
+    if isinstance(rule, type) and issubclass(rule, _rules.Rule):
+        return rule
+    if isinstance(rule, str) and rule in _rules.REGISTRY:
+        return _rules.REGISTRY[rule]
+    _rules.get(rule)  # raises the unknown-rule error with suggestions
+    return None  # pragma: no cover
+
+
+def _check_base_kwargs(base: type, kwargs: dict[str, Any], rule: _rules.Rule, names: set[str]) -> None:
+    try:
+        params = inspect.signature(base.__init__).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(k for k in kwargs if k not in params)
+    if unknown:
+        accepted = sorted(k for k in params if k not in ("self", "params"))
+        raise HyperparameterError(
+            f"Unknown keyword arguments {unknown}: they are neither hyperparameters of rule '{rule.name}' "
+            f"({', '.join(sorted(names))}) nor arguments of {base.__module__}.{base.__qualname__} ({', '.join(accepted)})."
+        )
+
+
+def _plain(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in config.items()}
