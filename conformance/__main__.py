@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         if reason and (not args.backend or name in args.backend):
             print(f"skipping backend {name}: {reason}")
     backends = [b.name for b in available_backends(args.backend)]
+    if not backends:
+        print("no requested backend is available")
+        return 1
     results = run_trajectories(backends, args.dtype, args.rule, args.problem)
     rows = [r.row() | {"message": r.message} for r in results]
     if not args.no_identities:

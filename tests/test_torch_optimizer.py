@@ -111,7 +111,7 @@ def test_closure_runs_first_at_the_current_weights_and_weights_are_restored():
     assert any(not torch.equal(a, b) for a, b in zip(calls[1], before))  # the second is perturbed
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p.detach(), b)  # lr=0: restored bit for bit
-    assert float(loss) == pytest.approx(float(loss_of(model, x, y)))
+    assert float(loss) == pytest.approx(float(loss_of(model, x, y).detach()))
 
 
 def test_param_groups_are_shared_and_lr_schedulers_work_without_warnings():

@@ -66,7 +66,7 @@ def register(backend: Backend) -> Backend:
 
 
 def available_backends(names: list[str] | None = None) -> list[Backend]:
-    chosen = [get_backend(n) for n in names] if names else list(BACKENDS.values())
+    chosen = [get_backend(n) for n in names] if names is not None else list(BACKENDS.values())
     return [b for b in chosen if b.unavailable_reason() is None]
 
 

@@ -13,7 +13,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "gradnorm.torch needs PyTorch: `pip install \"gradnorm[torch]\"` (or install torch for your platform)."
     ) from err
 
+from ._functional import step
 from ._ops import TorchForeachOps
 from ._optimizer import ClosureError, Optimizer
 
-__all__ = ["Optimizer", "ClosureError", "TorchForeachOps"]
+__all__ = ["Optimizer", "ClosureError", "step", "TorchForeachOps"]

@@ -37,26 +37,23 @@ class TorchForeachOps(ArrayOps):
         return [cache.setdefault(leaf.dtype, s.to(leaf.dtype)) for leaf in x]
 
     def _mul_scalar(self, s: Any, x: Leaves) -> Leaves:
-        s = self._scalars(s, x)
-        if isinstance(s, list):
-            return torch._foreach_mul(x, s)  # list of 0-d tensors: elementwise per leaf
-        return torch._foreach_mul(x, s)
+        return list(torch._foreach_mul(x, self._scalars(s, x)))  # a scalar, or one 0-d tensor per leaf
 
     def add(self, x: Leaves, y: Leaves) -> Leaves:
-        return torch._foreach_add(x, y)
+        return list(torch._foreach_add(x, y))
 
     def sub(self, x: Leaves, y: Leaves) -> Leaves:
-        return torch._foreach_sub(x, y)
+        return list(torch._foreach_sub(x, y))
 
     def scale(self, s: Any, x: Leaves) -> Leaves:
         return self._mul_scalar(s, x)
 
     def axpy(self, s: Any, x: Leaves, y: Leaves) -> Leaves:
         if isinstance(s, (int, float)):
-            return torch._foreach_add(y, x, alpha=s)
+            return list(torch._foreach_add(y, x, alpha=s))
         out = self._mul_scalar(s, x)
         torch._foreach_add_(out, y)
-        return out
+        return list(out)
 
     def lincomb(self, a: Any, x: Leaves, b: Any, y: Leaves) -> Leaves:
         out = self._mul_scalar(a, x)
@@ -64,21 +61,21 @@ class TorchForeachOps(ArrayOps):
             torch._foreach_add_(out, y, alpha=b)
         else:
             torch._foreach_add_(out, self._mul_scalar(b, y))
-        return out
+        return list(out)
 
     def mul(self, x: Leaves, y: Leaves) -> Leaves:
-        return torch._foreach_mul(x, y)
+        return list(torch._foreach_mul(x, y))
 
     def abs(self, x: Leaves) -> Leaves:
-        return torch._foreach_abs(x)
+        return list(torch._foreach_abs(x))
 
     def sign(self, x: Leaves) -> Leaves:
-        return torch._foreach_sign(x)
+        return list(torch._foreach_sign(x))
 
     def add_scalar(self, x: Leaves, s: Any) -> Leaves:
         s = self._scalars(s, x)
         if isinstance(s, (int, float)):
-            return torch._foreach_add(x, s)
+            return list(torch._foreach_add(x, s))
         if not isinstance(s, list):
             s = [s] * len(x)
         return [leaf + t for leaf, t in zip(x, s)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -47,7 +48,10 @@ class _ClosureOracle:
             )
         for p in self.params:
             p.grad = None
-        with torch.enable_grad():
+        with torch.enable_grad(), warnings.catch_warnings():
+            # backward(create_graph=True) warns about a parameter <-> .grad reference cycle;
+            # the gradients are detached from the parameters right below, which breaks it.
+            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
             loss = self.closure(create_graph=True) if create_graph else self.closure()
         if not isinstance(loss, torch.Tensor):
             raise ClosureError(f"`closure` must return the loss as a tensor. Received: {describe(loss)}.")

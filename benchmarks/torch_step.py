@@ -1,0 +1,116 @@
+"""Benchmark: gradnorm.torch.Optimizer step time per rule against its floor, and SAM against
+pytorch_optimizer.SAM(foreach=True), on a deep narrow MLP (40 layers of width 64, batch 128).
+
+The floor of a rule is (gradient evaluations per step) x (one forward-backward pass) + (one
+base-optimizer update), all measured in this process. Prints a table; no assertion.
+
+    python benchmarks/torch_step.py [--steps 200] [--repeats 5] [--device cpu] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import gradnorm.torch as gt
+
+RULES = [
+    ("sgd", {}),
+    ("sam", {"rho": 0.05}),
+    ("gnp", {"r": 0.05, "alpha": 0.8}),
+    ("fd_gr", {"gamma": 0.05, "eps": 0.01}),
+    ("gam", {}),
+    ("flooding", {"b": 0.01}),
+    ("coherent", {"lam": 1e-4, "threshold": 0.0}),
+    ("gr", {"gamma": 0.05}),
+]
+
+
+def make(device: str, depth: int = 40, width: int = 64, batch: int = 128):
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        layers += [torch.nn.Linear(width, width), torch.nn.Tanh()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(width, 10)).to(device)
+    x = torch.randn(batch, width, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    return model, x, y
+
+
+def timed(fn, steps: int, repeats: int, device: str) -> float:
+    """Median over repeats of the mean time per call, in milliseconds."""
+    for _ in range(10):
+        fn()
+    results = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        results.append((time.perf_counter() - start) / steps * 1e3)
+    return statistics.median(results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, x, y = make(args.device)
+    loss_fn = torch.nn.functional.cross_entropy
+
+    def closure(create_graph=False):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward(create_graph=create_graph)
+        return loss
+
+    base = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, foreach=True)
+    t_grad = timed(closure, args.steps, args.repeats, args.device)
+    closure()
+    t_update = timed(base.step, args.steps, args.repeats, args.device)
+
+    rows = []
+    for rule, hyper in RULES:
+        opt = gt.Optimizer(model.parameters(), torch.optim.SGD, rule=rule, lr=1e-4, momentum=0.9, foreach=True, **hyper)
+        t = timed(lambda: opt.step(closure), args.steps, args.repeats, args.device)
+        evals = opt.rule.grad_evals
+        floor = evals * t_grad + t_update
+        label = f"{evals} grads" + (" + 1 HVP" if opt.rule.needs_hvp else "")
+        rows.append((f"gradnorm {rule}", label, t, floor))
+
+    try:
+        from pytorch_optimizer import SAM
+
+        peer = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=1e-4, momentum=0.9, foreach=True)
+
+        def peer_step():  # its step(closure) expects the gradients of the first pass in .grad
+            closure()
+            peer.step(closure)
+
+        closure()
+        t = timed(peer_step, args.steps, args.repeats, args.device)
+        rows.append(("pytorch_optimizer.SAM(foreach=True)", "2 grads", t, 2 * t_grad + t_update))
+    except ImportError:
+        pass
+
+    print(f"deep narrow MLP 40 x 64, batch 128, {args.device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; one gradient {t_grad:.3f} ms, one SGD update {t_update:.3f} ms")
+    print(f"| {'step':38s} | {'cost':14s} | {'ms/step':>8s} | {'floor ms':>8s} | {'x floor':>7s} |")
+    print(f"|{'-' * 40}|{'-' * 16}|{'-' * 10}|{'-' * 10}|{'-' * 9}|")
+    for name, cost, t, floor in rows:
+        print(f"| {name:38s} | {cost:14s} | {t:8.3f} | {floor:8.3f} | {t / floor:7.3f} |")
+
+
+if __name__ == "__main__":
+    main()
