@@ -242,3 +242,86 @@ def test_bad_input_is_reported_before_anything_runs():
 
     with pytest.raises(ClosureError, match="create_graph"):
         gr.step(plain_closure)
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm, dropout randomness, bf16 autocast, gradient accumulation
+
+
+def bn_problem():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    x = torch.randn(32, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (32,))
+    return model, x, y
+
+
+@pytest.mark.parametrize("rule,hyper", [("sam", {"rho": 0.05}), ("gam", {}), ("fd_gr", {"gamma": 0.1, "eps": 0.05, "difference": "central"})])
+def test_batchnorm_statistics_come_from_the_unperturbed_pass_only(rule, hyper):
+    model, x, y = bn_problem()
+    reference = copy.deepcopy(model)
+    opt = Optimizer(model.parameters(), torch.optim.SGD, rule=rule, model=model, lr=0.0, **hyper)
+    opt.step(make_closure(opt, model, x, y))
+    reference(x)  # one training-mode forward at the same (unchanged, lr=0) weights
+    for (name, got), want in zip(model.named_buffers(), reference.buffers()):
+        assert torch.equal(got, want), name
+    # without `model=` the extra passes update the statistics too (so the test above can fail)
+    model2, _, _ = bn_problem()
+    opt2 = Optimizer(model2.parameters(), torch.optim.SGD, rule=rule, lr=0.0, **hyper)
+    opt2.step(make_closure(opt2, model2, x, y))
+    assert not torch.equal(model2[1].running_mean, reference[1].running_mean)
+    assert int(model2[1].num_batches_tracked) == opt2.rule.grad_evals
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_same_randomness_reuses_the_dropout_masks(same):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3)).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    opt = Optimizer(model.parameters(), torch.optim.SGD, rule="gam", same_randomness=same, lr=0.1)
+    masks = []
+    model[1].register_forward_hook(lambda m, i, o: masks.append((o == 0).clone()))
+    opt.step(make_closure(opt, model, x, y))
+    assert len(masks) == 4
+    assert all(torch.equal(m, masks[0]) for m in masks[1:]) == same
+
+
+def test_bf16_autocast_closure_trains():
+    model, x, y = make_problem(torch.float32)
+    opt = Optimizer(model.parameters(), torch.optim.SGD, rule="sam", rho=0.05, lr=0.3, momentum=0.9)
+
+    def closure():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+
+    losses = [float(opt.step(closure)) for _ in range(30)]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert bool(opt.last_info["finite"]) and losses[-1] < 0.6 * losses[0]
+
+
+def test_gradient_accumulation_in_the_closure_equals_the_full_batch():
+    """Accumulating micro-batches inside the closure perturbs with the full-batch gradient:
+    every pass (clean and perturbed) sees all micro-batches."""
+    model, x, y = make_problem()
+    full = copy.deepcopy(model)
+    opt = Optimizer(model.parameters(), torch.optim.SGD, rule="sam", rho=0.05, lr=0.2, momentum=0.9)
+    opt_full = Optimizer(full.parameters(), torch.optim.SGD, rule="sam", rho=0.05, lr=0.2, momentum=0.9)
+
+    def accumulating_closure():
+        opt.zero_grad()
+        total = 0.0
+        for xb, yb in zip(x.split(8), y.split(8)):
+            loss = loss_of(model, xb, yb) / 4  # mean over 4 equal micro-batches
+            loss.backward()
+            total = total + loss.detach()
+        return total
+
+    for _ in range(5):
+        a = opt.step(accumulating_closure)
+        b = opt_full.step(make_closure(opt_full, full, x, y))
+        assert float(a) == pytest.approx(float(b), rel=1e-12)
+    for p, q in zip(model.parameters(), full.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)

@@ -32,10 +32,15 @@ class _ClosureOracle:
     """The gradnorm oracle of one optimizer step: evaluates the user's closure at any point by
     writing the point into the parameters (the weights are restored by the optimizer)."""
 
-    def __init__(self, params: list[torch.Tensor], closure: Callable[..., Any] | None, needs_hvp: bool):
+    def __init__(self, params: list[torch.Tensor], closure: Callable[..., Any] | None, needs_hvp: bool,
+                 model: torch.nn.Module | None = None, same_randomness: bool = False):
         self.params = params
         self.closure = closure
         self.has_hvp = needs_hvp
+        self.model = model
+        self.same_randomness = same_randomness
+        self.rng_before_first: Any = None
+        self.buffers_after_first: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.moved = False  # whether the weights left their values (then they must be restored)
         self._graph: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (point, grads with graph)
 
@@ -68,6 +73,8 @@ class _ClosureOracle:
 
     def first(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Loss and gradient at the current weights (kept with their graph for ``gr``)."""
+        if self.same_randomness:
+            self.rng_before_first = _rng_state()
         if not self.has_hvp:
             return self._run()
         loss, grads = self._run(create_graph=True)
@@ -77,7 +84,18 @@ class _ClosureOracle:
 
     def value_and_grad(self, point: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self._move_to(point)
+        if self.model is not None and self.buffers_after_first is None:
+            # the state after the pass at the unperturbed weights, to be put back after the step
+            self.buffers_after_first = [(b, b.detach().clone()) for b in self.model.buffers()]
+        if self.rng_before_first is not None:
+            _set_rng_state(self.rng_before_first)
         return self._run()
+
+    def restore_buffers(self) -> None:
+        if self.buffers_after_first:
+            with torch.no_grad():
+                for buffer, saved in self.buffers_after_first:
+                    buffer.copy_(saved)
 
     def hvp(self, point: list[torch.Tensor], v: list[torch.Tensor]) -> list[torch.Tensor]:
         if self._graph is None or any(a is not b for a, b in zip(point, self.params)):
@@ -91,6 +109,18 @@ class _ClosureOracle:
             out = [h if h is not None else torch.zeros_like(p) for h, p in zip(hv, self.params)]
         self._graph = None
         return out
+
+
+def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -107,6 +137,14 @@ class Optimizer(torch.optim.Optimizer):
         base: a ``torch.optim.Optimizer`` class (built with the remaining keyword arguments) or
             an instance.
         rule: a rule name (``"sam"``, ``"gnp"``, ``"fd_gr"``, ...) or a ``gradnorm.rules.Rule``.
+        model: the module being trained, if it has buffers that a forward pass updates
+            (BatchNorm running statistics): its buffers are restored after the extra passes, so
+            that they are updated by the pass at the unperturbed weights only (as in the
+            reference JAX code of SAM and GNP).
+        same_randomness: reuse the random state of the first pass in every extra pass, so
+            dropout draws the same masks at the perturbed weights (as the JAX reference code does
+            by reusing the PRNG key). Default False: each pass draws its own, as PyTorch SAM
+            implementations do.
         skip_nonfinite: skip the base update (and keep the weights) when the loss or the
             direction is not finite, as ``GradScaler`` does. Deciding costs one device-to-host
             read per step; set False to never synchronise (non-finite steps are still reported
@@ -130,15 +168,30 @@ class Optimizer(torch.optim.Optimizer):
     base optimizer).
     """
 
-    def __init__(self, params: Any, base: Any, rule: Any = "sam", *, skip_nonfinite: bool = True, **kwargs: Any):
+    def __init__(
+        self,
+        params: Any,
+        base: Any,
+        rule: Any = "sam",
+        *,
+        model: torch.nn.Module | None = None,
+        same_randomness: bool = False,
+        skip_nonfinite: bool = True,
+        **kwargs: Any,
+    ):
         rule_cls = _rule_class(rule)
         names = {h.name for h in rule_cls.spec()} if rule_cls is not None else set()
         rule_kwargs = {k: v for k, v in kwargs.items() if k in names}
         base_kwargs = {k: v for k, v in kwargs.items() if k not in names}
         self.rule = _rules.get(rule, **rule_kwargs)
-        if not isinstance(skip_nonfinite, bool):
-            raise TypeError(f"`skip_nonfinite` must be True or False. Received: {describe(skip_nonfinite)}.")
+        for name, value in (("skip_nonfinite", skip_nonfinite), ("same_randomness", same_randomness)):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{name}` must be True or False. Received: {describe(value)}.")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"`model` must be None or a torch.nn.Module. Received: {describe(model)}.")
         self.skip_nonfinite = skip_nonfinite
+        self.same_randomness = same_randomness
+        self.model = model
         if isinstance(base, torch.optim.Optimizer):
             if base_kwargs:
                 raise HyperparameterError(
@@ -186,7 +239,7 @@ class Optimizer(torch.optim.Optimizer):
             )
         if self.rule_state is None:
             self.rule_state = self.rule.init(params)
-        oracle = _ClosureOracle(params, closure, self.rule.needs_hvp)
+        oracle = _ClosureOracle(params, closure, self.rule.needs_hvp, self.model, self.same_randomness)
         # Rules evaluate the closure at points computed from the weights, and the oracle writes
         # those points into the live parameters: the rule must see a snapshot, which is also the
         # exact copy the weights are restored from (the one parameter-sized buffer of the floor).
@@ -205,6 +258,7 @@ class Optimizer(torch.optim.Optimizer):
             if oracle.moved:
                 with torch.no_grad():
                     torch._foreach_copy_(params, backup)
+            oracle.restore_buffers()
         self.last_info = info
         if self.skip_nonfinite and not bool(info["finite"]):
             for p, g in zip(params, grads):
