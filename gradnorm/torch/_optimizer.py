@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 from collections.abc import Callable
@@ -33,7 +34,8 @@ class _ClosureOracle:
     writing the point into the parameters (the weights are restored by the optimizer)."""
 
     def __init__(self, params: list[torch.Tensor], closure: Callable[..., Any] | None, needs_hvp: bool,
-                 model: torch.nn.Module | None = None, same_randomness: bool = False):
+                 model: torch.nn.Module | None = None, same_randomness: bool = False, ddp: str | None = None):
+        self.ddp = ddp  # None, "local" or "global"
         self.params = params
         self.closure = closure
         self.has_hvp = needs_hvp
@@ -57,9 +59,15 @@ class _ClosureOracle:
             # backward(create_graph=True) warns about a parameter <-> .grad reference cycle;
             # the gradients are detached from the parameters right below, which breaks it.
             warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-            loss = self.closure(create_graph=True) if create_graph else self.closure()
+            sync = self.model.no_sync() if self.ddp == "local" else contextlib.nullcontext()
+            with sync:  # forward and backward both inside no_sync: DDP decides in forward
+                loss = self.closure(create_graph=True) if create_graph else self.closure()
         if not isinstance(loss, torch.Tensor):
             raise ClosureError(f"`closure` must return the loss as a tensor. Received: {describe(loss)}.")
+        if self.ddp == "global":
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss = loss / torch.distributed.get_world_size()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         for p in self.params:
             p.grad = None
@@ -141,6 +149,12 @@ class Optimizer(torch.optim.Optimizer):
             (BatchNorm running statistics): its buffers are restored after the extra passes, so
             that they are updated by the pass at the unperturbed weights only (as in the
             reference JAX code of SAM and GNP).
+        perturbation: with ``model`` a ``DistributedDataParallel`` module: ``"local"`` (default,
+            as in the papers: every rank evaluates all passes on its own minibatch under
+            ``no_sync()``, forward and backward, and the ranks' directions are averaged once)
+            or ``"global"`` (every pass is all-reduced by DDP, so every rank computes the rule on
+            the gradient of the whole global batch; the loss is averaged over ranks too, so
+            ``flooding`` compares the global loss with its level).
         same_randomness: reuse the random state of the first pass in every extra pass, so
             dropout draws the same masks at the perturbed weights (as the JAX reference code does
             by reusing the PRNG key). Default False: each pass draws its own, as PyTorch SAM
@@ -175,6 +189,7 @@ class Optimizer(torch.optim.Optimizer):
         rule: Any = "sam",
         *,
         model: torch.nn.Module | None = None,
+        perturbation: str = "local",
         same_randomness: bool = False,
         skip_nonfinite: bool = True,
         **kwargs: Any,
@@ -189,8 +204,11 @@ class Optimizer(torch.optim.Optimizer):
                 raise TypeError(f"`{name}` must be True or False. Received: {describe(value)}.")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"`model` must be None or a torch.nn.Module. Received: {describe(model)}.")
+        if perturbation not in ("local", "global"):
+            raise ValueError(f"`perturbation` must be 'local' or 'global'. Received: {describe(perturbation)}.")
         self.skip_nonfinite = skip_nonfinite
         self.same_randomness = same_randomness
+        self.perturbation = perturbation
         self.model = model
         if isinstance(base, torch.optim.Optimizer):
             if base_kwargs:
@@ -239,7 +257,8 @@ class Optimizer(torch.optim.Optimizer):
             )
         if self.rule_state is None:
             self.rule_state = self.rule.init(params)
-        oracle = _ClosureOracle(params, closure, self.rule.needs_hvp, self.model, self.same_randomness)
+        ddp = self.perturbation if _is_distributed(self.model) else None
+        oracle = _ClosureOracle(params, closure, self.rule.needs_hvp, self.model, self.same_randomness, ddp)
         # Rules evaluate the closure at points computed from the weights, and the oracle writes
         # those points into the live parameters: the rule must see a snapshot, which is also the
         # exact copy the weights are restored from (the one parameter-sized buffer of the floor).
@@ -259,6 +278,9 @@ class Optimizer(torch.optim.Optimizer):
                 with torch.no_grad():
                     torch._foreach_copy_(params, backup)
             oracle.restore_buffers()
+        if ddp == "local":
+            direction = _average_over_ranks(direction)
+            info = {**info, "finite": torch.isfinite(self._ops.norm(direction)) & torch.isfinite(first_loss)}
         self.last_info = info
         if self.skip_nonfinite and not bool(info["finite"]):
             for p, g in zip(params, grads):
@@ -303,6 +325,32 @@ class Optimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"gradnorm.torch.Optimizer({self.rule!r}, base={self.base!r})"
+
+
+def _is_distributed(model: torch.nn.Module | None) -> bool:
+    return (
+        isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    )
+
+
+def _average_over_ranks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The mean over ranks, with one all-reduce for the whole list (per dtype)."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    world = torch.distributed.get_world_size()
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    for idx in by_dtype.values():
+        flat = _flatten_dense_tensors([tensors[i] for i in idx])
+        torch.distributed.all_reduce(flat)
+        flat /= world
+        for i, t in zip(idx, _unflatten_dense_tensors(flat, [tensors[i] for i in idx])):
+            out[i] = t
+    return out  # type: ignore[return-value]
 
 
 def _rule_class(rule: Any) -> type[_rules.Rule] | None:
