@@ -325,3 +325,52 @@ def test_gradient_accumulation_in_the_closure_equals_the_full_batch():
         assert float(a) == pytest.approx(float(b), rel=1e-12)
     for p, q in zip(model.parameters(), full.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+
+
+def test_fp16_grad_scaler_skips_overflow_steps_exactly_and_trains():
+    model, x, y = make_problem(torch.float32)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, growth_interval=2)
+    opt = Optimizer(model.parameters(), torch.optim.SGD, rule="sam", rho=0.05, grad_scaler=scaler, lr=0.3, momentum=0.9)
+
+    def closure():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = loss_of(model, x, y)
+        scaler.scale(loss).backward()
+        return loss
+
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(closure)  # 2**40 overflows float16: the step is skipped and the scale backs off
+    assert not bool(opt.last_info["finite"])
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
+    assert scaler.get_scale() == 2.0**39
+    assert not opt.base.state  # the base optimizer never ran
+    losses, skipped = [], 1
+    for _ in range(60):
+        losses.append(float(opt.step(closure)))
+        skipped += not bool(opt.last_info["finite"])
+    assert skipped < 40 and losses[-1] < 0.6 * losses[0]
+    assert scaler.get_scale() < 2.0**30
+
+
+def test_grad_scaler_directions_equal_the_unscaled_ones():
+    """With a finite scale, the unscaled gradients (and so the rule's direction) equal a
+    run without scaler up to the rounding of the scaling (float32 here, no autocast)."""
+    model, x, y = make_problem(torch.float32)
+    twin = copy.deepcopy(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt = Optimizer(model.parameters(), torch.optim.SGD, rule="fd_gr", gamma=0.1, eps=0.01, grad_scaler=scaler, lr=0.2)
+    ref = Optimizer(twin.parameters(), torch.optim.SGD, rule="fd_gr", gamma=0.1, eps=0.01, lr=0.2)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model, x, y)
+        scaler.scale(loss).backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+        ref.step(make_closure(ref, twin, x, y))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

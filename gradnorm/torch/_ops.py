@@ -1,14 +1,32 @@
 """Leaf-list arithmetic on PyTorch's fused multi-tensor kernels (``torch._foreach_*``).
 
 :class:`TorchForeachOps` has the interface of :class:`gradnorm.ArrayOps` and gives the same
-results up to rounding (the conformance suite runs the rules through it), with one kernel
-launch per operation for the whole parameter list instead of one per leaf. It never mutates an
-input (in-place ``_foreach_*_`` kernels only touch freshly allocated outputs) and never reads a
-tensor back to the host: a scalar that is a 0-d tensor stays on the device.
+results up to rounding (the conformance suite and ``tests/test_torch_ops.py`` run the rules
+through it), with one kernel launch per operation for the whole parameter list instead of one
+per leaf.
+
+Contract (the same as `ArrayOps`):
+
+* Inputs are never mutated. The in-place kernels (``torch._foreach_*_``) only ever touch lists
+  this module has just allocated.
+* Nothing is read back to the host. A scalar that is a 0-d tensor (``rho / (||g|| + eps)``)
+  stays a tensor: it goes to the ``Tensor`` overloads of ``_foreach_mul`` / ``_foreach_add``,
+  which read it on the device.
+* A 0-d tensor scalar is cast to each leaf's dtype before it touches the leaf, so bf16 and
+  fp16 lists stay in their dtype. A Python number is passed to the kernels as it is.
+* Reductions accumulate in float32 at least, or in float64 if any leaf is float64
+  (``_foreach_powsum(..., dtype=...)`` accumulates in the requested dtype without copying
+  the leaves).
+
+Lists may mix dtypes: operations are applied per dtype group, so every group takes the fused
+CUDA path (a mixed list would otherwise fall back to PyTorch's per-tensor loop) and gets its
+scalar cast once. As with `ArrayOps`, the leaves of one call are expected on one device
+(a CPU 0-d scalar with CUDA leaves is fine: it is copied over without a synchronization).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import array_api_compat
@@ -19,76 +37,241 @@ from .._tree import ArrayOps
 __all__ = ["TorchForeachOps"]
 
 Leaves = list[torch.Tensor]
+Scalar = Any  # a Python number or a 0-d tensor
+
+
+# --------------------------------------------------------------------------------------
+# per-leaf sums of |x|^p in a given dtype
+
+
+def _powsum_fused(x: Sequence[torch.Tensor], p: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """`[sum(|a|^p) for a in x]`, accumulated in `dtype` (PyTorch >= 2.10)."""
+    return torch._foreach_powsum(x, p, dtype=dtype)
+
+
+def _powsum_via_norm(x: Sequence[torch.Tensor], p: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The same from ``_foreach_norm`` (older PyTorch): the L1 norm, or the squared L2 norm."""
+    norms = torch._foreach_norm(x, p, dtype=dtype)
+    if p == 1:
+        return norms
+    torch._foreach_mul_(norms, norms)  # fresh 0-d outputs
+    return norms
+
+
+_powsum: Callable[[Sequence[torch.Tensor], int, torch.dtype], list[torch.Tensor]] = (
+    _powsum_fused if hasattr(torch, "_foreach_powsum") else _powsum_via_norm
+)
+
+
+# --------------------------------------------------------------------------------------
+# kernels on a list of one dtype; scalars already cast to it
+
+
+def _like(s: Scalar, leaf: torch.Tensor) -> Scalar:
+    """`s` as `ArrayOps._cast` makes it: a Python number as is, a tensor in `leaf`'s dtype
+    (and on its device: a CPU scalar is copied over without blocking)."""
+    if not isinstance(s, torch.Tensor):
+        return s
+    if s.dtype is not leaf.dtype:
+        s = s.to(leaf.dtype)
+    if s.device != leaf.device:
+        s = s.to(leaf.device, non_blocking=leaf.device.type != "cpu")
+    return s
+
+
+def _axpy(x: Leaves, y: Leaves, s: Scalar) -> Sequence[torch.Tensor]:
+    if isinstance(s, torch.Tensor):
+        out = torch._foreach_mul(x, s)
+        torch._foreach_add_(out, y)
+        return out
+    return torch._foreach_add(y, x, alpha=s)
+
+
+def _lincomb(x: Leaves, y: Leaves, a: Scalar, b: Scalar) -> Sequence[torch.Tensor]:
+    a_tensor, b_tensor = isinstance(a, torch.Tensor), isinstance(b, torch.Tensor)
+    if b_tensor and not a_tensor:  # b * y first, then a number: two kernels instead of three
+        out = torch._foreach_mul(y, b)
+        torch._foreach_add_(out, x, alpha=a)
+        return out
+    out = torch._foreach_mul(x, a)
+    if b_tensor:
+        torch._foreach_add_(out, torch._foreach_mul(y, b))
+    else:
+        torch._foreach_add_(out, y, alpha=b)
+    return out
+
+
+def _sign(x: Leaves) -> Sequence[torch.Tensor]:
+    # torch.sign(nan) is 0, the Array API's sign(nan) is nan: max(sign(x), min(x, -1)) equals
+    # sign(x) for every number and is nan for nan (maximum and clamp propagate nan).
+    out = torch._foreach_sign(x)
+    torch._foreach_maximum_(out, torch._foreach_clamp_max(x, -1.0))
+    return out
+
+
+def _count_below(x: Leaves, tol: Scalar, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Per leaf, the number of entries with `|a| < tol`, as `dtype`.
+
+    sign(|a| - tol) is -1 exactly where |a| < tol (a floating-point difference is zero only
+    for equal operands and keeps the sign), 0 for nan (torch.sign(nan) == 0, and nan < tol is
+    False), so after clamping at 0 the L1 sum counts the entries below.
+    """
+    work = torch._foreach_abs(x)
+    if isinstance(tol, torch.Tensor):
+        torch._foreach_add_(work, tol, alpha=-1)
+    else:
+        torch._foreach_sub_(work, tol)
+    torch._foreach_sign_(work)
+    torch._foreach_clamp_max_(work, 0.0)
+    return _powsum(work, 1, dtype)
+
+
+def _cast(x: Leaves, dtype: torch.dtype) -> Leaves:
+    """Fresh copies of `x` in `dtype` (one fused copy kernel)."""
+    out = [torch.empty_like(a, dtype=dtype) for a in x]
+    torch._foreach_copy_(out, x)
+    return out
+
+
+def _groups(x: Sequence[torch.Tensor]) -> list[list[int]] | None:
+    """None when every leaf has the dtype of the first (the common case, checked in one pass);
+    otherwise the leaf indices of each dtype, in order of first appearance."""
+    dtype = x[0].dtype
+    for leaf in x:
+        if leaf.dtype is not dtype:
+            break
+    else:
+        return None
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, leaf in enumerate(x):
+        groups.setdefault(leaf.dtype, []).append(i)
+    return list(groups.values())
 
 
 class TorchForeachOps(ArrayOps):
-    """:class:`gradnorm.ArrayOps` on ``torch._foreach_*`` kernels."""
+    """:class:`gradnorm.ArrayOps` on fused ``torch._foreach_*`` kernels.
+
+    Pass it to a rule as ``rule.update(params, state, oracle, ops=TorchForeachOps())``; the
+    PyTorch adapters (``gradnorm.torch.Optimizer``, ``gradnorm.torch.step``) do. `xp` is
+    the ``array_api_compat.torch`` namespace, as for `ArrayOps` on torch tensors.
+
+    Differences from `ArrayOps` are rounding only: ``axpy`` with a Python number is one fused
+    multiply-add (``_foreach_add(y, x, alpha=s)``), and the reductions sum in another order
+    (``vdot`` of two different lists is ``2 sum(max(p, 0)) - sum(|p|)`` over the products
+    ``p``, since PyTorch has no fused signed sum; its error bound is of the same order as a
+    plain sum's, a few units in the last place of ``sum(|p|)``). ``sign`` returns nan for nan
+    as the Array API does, without the boolean-mask write (a host synchronization on CUDA) of
+    ``array_api_compat.torch.sign``. Empty lists give empty lists and 0-d float32 zeros.
+    """
 
     def __init__(self) -> None:
         super().__init__(array_api_compat.array_namespace(torch.empty(0)))
 
-    # A 0-d tensor scalar is cast to each leaf's dtype; leaves of one dtype share one cast.
-    def _scalars(self, s: Any, x: Leaves) -> Any:
-        if isinstance(s, (int, float)):
-            return s
-        if all(leaf.dtype == s.dtype for leaf in x):
-            return s
-        cache: dict[torch.dtype, torch.Tensor] = {}
-        return [cache.setdefault(leaf.dtype, s.to(leaf.dtype)) for leaf in x]
+    # -- plumbing -------------------------------------------------------------------------
+    @staticmethod
+    def _map(fn: Callable[..., Sequence[torch.Tensor]], lists: tuple[Leaves, ...], scalars: tuple[Scalar, ...] = ()) -> Leaves:
+        """`fn(*lists, *scalars)` on each dtype group of `lists[0]`, in the original order."""
+        x = lists[0]
+        if not x:
+            return []
+        groups = _groups(x)
+        if groups is None:
+            return list(fn(*lists, *[_like(s, x[0]) for s in scalars]))
+        out: list[Any] = [None] * len(x)
+        for idx in groups:
+            parts = [[leaves[i] for i in idx] for leaves in lists]
+            first = parts[0][0]
+            for i, result in zip(idx, fn(*parts, *[_like(s, first) for s in scalars])):
+                out[i] = result
+        return out
 
-    def _mul_scalar(self, s: Any, x: Leaves) -> Leaves:
-        return list(torch._foreach_mul(x, self._scalars(s, x)))  # a scalar, or one 0-d tensor per leaf
+    @staticmethod
+    def _reduce(fn: Callable[..., list[torch.Tensor]], lists: tuple[Leaves, ...]) -> tuple[list[torch.Tensor], torch.dtype]:
+        """The 0-d per-leaf partials of `fn(*group_lists, acc_dtype)` over the dtype groups."""
+        x = lists[0]
+        groups = _groups(x)
+        if groups is None:
+            acc = torch.float64 if x[0].dtype is torch.float64 else torch.float32
+            return list(fn(*lists, acc)), acc
+        acc = torch.float64 if any(x[idx[0]].dtype is torch.float64 for idx in groups) else torch.float32
+        partials: list[torch.Tensor] = []
+        for idx in groups:
+            partials.extend(fn(*[[leaves[i] for i in idx] for leaves in lists], acc))
+        return partials, acc
 
+    @staticmethod
+    def _zero() -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float32)
+
+    # -- elementwise ---------------------------------------------------------------------
     def add(self, x: Leaves, y: Leaves) -> Leaves:
-        return list(torch._foreach_add(x, y))
+        return self._map(torch._foreach_add, (x, y))
 
     def sub(self, x: Leaves, y: Leaves) -> Leaves:
-        return list(torch._foreach_sub(x, y))
+        return self._map(torch._foreach_sub, (x, y))
 
-    def scale(self, s: Any, x: Leaves) -> Leaves:
-        return self._mul_scalar(s, x)
+    def scale(self, s: Scalar, x: Leaves) -> Leaves:
+        return self._map(torch._foreach_mul, (x,), (s,))
 
-    def axpy(self, s: Any, x: Leaves, y: Leaves) -> Leaves:
-        if isinstance(s, (int, float)):
-            return list(torch._foreach_add(y, x, alpha=s))
-        out = self._mul_scalar(s, x)
-        torch._foreach_add_(out, y)
-        return list(out)
+    def axpy(self, s: Scalar, x: Leaves, y: Leaves) -> Leaves:
+        """`s * x + y`."""
+        return self._map(_axpy, (x, y), (s,))
 
-    def lincomb(self, a: Any, x: Leaves, b: Any, y: Leaves) -> Leaves:
-        out = self._mul_scalar(a, x)
-        if isinstance(b, (int, float)):
-            torch._foreach_add_(out, y, alpha=b)
-        else:
-            torch._foreach_add_(out, self._mul_scalar(b, y))
-        return list(out)
+    def lincomb(self, a: Scalar, x: Leaves, b: Scalar, y: Leaves) -> Leaves:
+        """`a * x + b * y`."""
+        return self._map(_lincomb, (x, y), (a, b))
 
     def mul(self, x: Leaves, y: Leaves) -> Leaves:
-        return list(torch._foreach_mul(x, y))
+        return self._map(torch._foreach_mul, (x, y))
 
     def abs(self, x: Leaves) -> Leaves:
-        return list(torch._foreach_abs(x))
+        return self._map(torch._foreach_abs, (x,))
 
     def sign(self, x: Leaves) -> Leaves:
-        return list(torch._foreach_sign(x))
+        return self._map(_sign, (x,))
 
-    def add_scalar(self, x: Leaves, s: Any) -> Leaves:
-        s = self._scalars(s, x)
-        if isinstance(s, (int, float)):
-            return list(torch._foreach_add(x, s))
-        if not isinstance(s, list):
-            s = [s] * len(x)
-        return [leaf + t for leaf, t in zip(x, s)]
+    def add_scalar(self, x: Leaves, s: Scalar) -> Leaves:
+        return self._map(torch._foreach_add, (x,), (s,))
 
+    # -- reductions (0-d results in the accumulation dtype) -------------------------------
     def vdot(self, x: Leaves, y: Leaves) -> Any:
-        acc = self._acc_dtype(x)
+        if not x:
+            return self._zero()
         if x is y:
-            norms = torch._foreach_norm([self._acc(a, acc) for a in x])
-            return torch.stack(norms).square().sum()
-        products = torch._foreach_mul([self._acc(a, acc) for a in x], [self._acc(b, acc) for b in y])
-        return torch.stack([p.sum() for p in products]).sum()
+            return self._sum_of_squares(x)
+
+        def parts(u: Leaves, v: Leaves, acc: torch.dtype) -> list[torch.Tensor]:
+            if u[0].dtype is acc:
+                products = torch._foreach_mul(u, v)
+            else:  # multiply in the accumulation dtype, as ArrayOps does
+                products = _cast(u, acc)
+                torch._foreach_mul_(products, _cast(v, acc))
+            total = _powsum(products, 1, acc)  # sum |p|
+            torch._foreach_clamp_min_(products, 0.0)
+            positive = _powsum(products, 1, acc)  # sum max(p, 0)
+            return [2 * torch.stack(positive).sum() - torch.stack(total).sum()]
+
+        partials, _ = self._reduce(parts, (x, y))
+        return partials[0] if len(partials) == 1 else torch.stack(partials).sum()
+
+    def _sum_of_squares(self, x: Leaves) -> torch.Tensor:
+        partials, _ = self._reduce(lambda u, acc: _powsum(u, 2, acc), (x,))
+        return torch.stack(partials).sum()
 
     def norm(self, x: Leaves) -> Any:
-        acc = self._acc_dtype(x)
-        norms = torch._foreach_norm([self._acc(a, acc) for a in x])
-        return torch.linalg.vector_norm(torch.stack(norms))
+        """Global L2 norm over all leaves."""
+        if not x:
+            return self._zero()
+        return torch.sqrt(self._sum_of_squares(x))
+
+    def weighted_norm(self, w: Leaves, x: Leaves) -> Any:
+        """`|| w * x ||` (the product in the leaves' dtype, as `ArrayOps`)."""
+        return self.norm(self.mul(w, x))
+
+    def count_below(self, x: Leaves, tol: float) -> Any:
+        """Fraction of all entries with `|x| < tol` (0-d, accumulation dtype)."""
+        if not x:
+            return self._zero()
+        partials, _ = self._reduce(lambda u, acc: _count_below(u, _like(tol, u[0]), acc), (x,))
+        total = sum(leaf.numel() for leaf in x)
+        return torch.stack(partials).sum() / max(total, 1)

@@ -34,8 +34,10 @@ class _ClosureOracle:
     writing the point into the parameters (the weights are restored by the optimizer)."""
 
     def __init__(self, params: list[torch.Tensor], closure: Callable[..., Any] | None, needs_hvp: bool,
-                 model: torch.nn.Module | None = None, same_randomness: bool = False, ddp: str | None = None):
+                 model: torch.nn.Module | None = None, same_randomness: bool = False, ddp: str | None = None,
+                 grad_scaler: Any = None):
         self.ddp = ddp  # None, "local" or "global"
+        self.grad_scaler = grad_scaler
         self.params = params
         self.closure = closure
         self.has_hvp = needs_hvp
@@ -71,6 +73,10 @@ class _ClosureOracle:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         for p in self.params:
             p.grad = None
+        if self.grad_scaler is not None and self.grad_scaler._scale is not None:
+            # as GradScaler.unscale_: multiply by the float32 reciprocal of the scale, on device
+            inv_scale = self.grad_scaler._scale.double().reciprocal().float()
+            grads = list(torch._foreach_mul(grads, inv_scale))
         return loss.detach(), grads
 
     def _move_to(self, point: list[torch.Tensor]) -> None:
@@ -155,6 +161,12 @@ class Optimizer(torch.optim.Optimizer):
             or ``"global"`` (every pass is all-reduced by DDP, so every rank computes the rule on
             the gradient of the whole global batch; the loss is averaged over ranks too, so
             ``flooding`` compares the global loss with its level).
+        grad_scaler: a ``torch.amp.GradScaler`` for float16 mixed precision. The closure calls
+            ``grad_scaler.scale(loss).backward()`` and returns ``loss``; the optimizer unscales
+            every pass's gradient before the rule sees it, skips the step when any pass
+            overflowed (the weights stay exactly as they were), and updates the scale with the
+            scaler's own growth/backoff policy. Do not call ``scaler.step`` or
+            ``scaler.update`` yourself.
         same_randomness: reuse the random state of the first pass in every extra pass, so
             dropout draws the same masks at the perturbed weights (as the JAX reference code does
             by reusing the PRNG key). Default False: each pass draws its own, as PyTorch SAM
@@ -191,6 +203,7 @@ class Optimizer(torch.optim.Optimizer):
         model: torch.nn.Module | None = None,
         perturbation: str = "local",
         same_randomness: bool = False,
+        grad_scaler: Any = None,
         skip_nonfinite: bool = True,
         **kwargs: Any,
     ):
@@ -206,6 +219,11 @@ class Optimizer(torch.optim.Optimizer):
             raise TypeError(f"`model` must be None or a torch.nn.Module. Received: {describe(model)}.")
         if perturbation not in ("local", "global"):
             raise ValueError(f"`perturbation` must be 'local' or 'global'. Received: {describe(perturbation)}.")
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(f"`grad_scaler` must be None or a torch.amp.GradScaler. Received: {describe(grad_scaler)}.")
+        if grad_scaler is not None and not skip_nonfinite:
+            raise ValueError("`skip_nonfinite` must be True with a `grad_scaler`: an overflow step must not be applied.")
+        self.grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
         self.skip_nonfinite = skip_nonfinite
         self.same_randomness = same_randomness
         self.perturbation = perturbation
@@ -258,7 +276,7 @@ class Optimizer(torch.optim.Optimizer):
         if self.rule_state is None:
             self.rule_state = self.rule.init(params)
         ddp = self.perturbation if _is_distributed(self.model) else None
-        oracle = _ClosureOracle(params, closure, self.rule.needs_hvp, self.model, self.same_randomness, ddp)
+        oracle = _ClosureOracle(params, closure, self.rule.needs_hvp, self.model, self.same_randomness, ddp, self.grad_scaler)
         # Rules evaluate the closure at points computed from the weights, and the oracle writes
         # those points into the live parameters: the rule must see a snapshot, which is also the
         # exact copy the weights are restored from (the one parameter-sized buffer of the floor).
@@ -282,6 +300,13 @@ class Optimizer(torch.optim.Optimizer):
             direction = _average_over_ranks(direction)
             info = {**info, "finite": torch.isfinite(self._ops.norm(direction)) & torch.isfinite(first_loss)}
         self.last_info = info
+        if self.grad_scaler is not None:
+            scaler = self.grad_scaler
+            found_inf = (~info["finite"]).to(torch.float32)
+            torch._amp_update_scale_(
+                scaler._scale, scaler._growth_tracker, found_inf,
+                scaler._growth_factor, scaler._backoff_factor, scaler._growth_interval,
+            )
         if self.skip_nonfinite and not bool(info["finite"]):
             for p, g in zip(params, grads):
                 p.grad = g
