@@ -155,7 +155,8 @@ def _python_blocks(path: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)
 
 
-DOC_PAGES = [ROOT / "README.md", ROOT / "docs" / "index.md", ROOT / "docs" / "writing-a-rule.md"]
+DOC_PAGES = [ROOT / "README.md", ROOT / "docs" / "index.md", ROOT / "docs" / "writing-a-rule.md",
+             ROOT / "docs" / "adapters" / "torch.md"]
 
 
 @pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
