@@ -1,7 +1,16 @@
-"""TorchForeachOps (fused torch._foreach_* kernels) equals the Array API ArrayOps, never
-mutates its inputs and keeps dtypes; the rules give the same directions through it."""
+"""TorchForeachOps (fused ``torch._foreach_*`` kernels) against the Array API ``ArrayOps``.
+
+Every method equals ``ArrayOps(array_api_compat.torch)`` up to rounding on lists of several
+shapes (0-d and non-contiguous leaves included) in float64, float32, bfloat16, float16 and
+mixed-dtype lists, with Python-number and 0-d tensor scalars; inputs are never mutated;
+dtypes and devices are kept; nothing is read back to the host; every rule gives the same
+direction, info and state through it as through the default ops.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import math
 
 import array_api_compat
 import pytest
@@ -11,106 +20,479 @@ torch = pytest.importorskip("torch")
 import gradnorm  # noqa: E402
 from gradnorm import ArrayOps  # noqa: E402
 from gradnorm.torch import TorchForeachOps  # noqa: E402
+from gradnorm.torch import _ops  # noqa: E402
 
-SHAPES = [(3, 4), (5,), (), (2, 1, 3)]
+XP = array_api_compat.array_namespace(torch.empty(0))
 
-
-def leaves(dtypes, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g, dtype=torch.float64).to(d) for s, d in zip(SHAPES, dtypes)]
-
+# five leaves: a matrix, a vector, a 0-d leaf, a 3-d leaf, a transposed (non-contiguous) view
+SHAPES = [(3, 4), (5,), (), (2, 1, 3), "transposed"]
 
 DTYPE_SETS = {
-    "float64": [torch.float64] * 4,
-    "float32": [torch.float32] * 4,
-    "bfloat16": [torch.bfloat16] * 4,
-    "mixed": [torch.float32, torch.float64, torch.float32, torch.bfloat16],
+    "float64": [torch.float64] * 5,
+    "float32": [torch.float32] * 5,
+    "bfloat16": [torch.bfloat16] * 5,
+    "float16": [torch.float16] * 5,
+    "mixed": [torch.float32, torch.float64, torch.bfloat16, torch.float32, torch.float16],
+    "mixed-no-float64": [torch.bfloat16, torch.float32, torch.float32, torch.float16, torch.bfloat16],
 }
+
 SCALARS = {
     "python": 0.37,
-    "tensor64": torch.tensor(0.37, dtype=torch.float64),
-    "tensor32": torch.tensor(0.37, dtype=torch.float32),
+    "python-negative": -1.75,
+    "python-int": 2,
+    "tensor64": lambda: torch.tensor(0.37, dtype=torch.float64),
+    "tensor32": lambda: torch.tensor(-1.3, dtype=torch.float32),
+    "tensor-bf16": lambda: torch.tensor(0.61, dtype=torch.bfloat16),
 }
 
 
-def tol(dtypes):
-    if torch.bfloat16 in dtypes:
-        return 1e-2
-    if torch.float32 in dtypes:
-        return 1e-6
-    return 1e-13
+def make_leaves(dtypes, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape, dtype in zip(SHAPES, dtypes):
+        if shape == "transposed":
+            leaf = (torch.randn(4, 3, generator=g, dtype=torch.float64) * scale).to(dtype).T
+            assert not leaf.is_contiguous()
+        else:
+            leaf = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+        out.append(leaf)
+    return out
 
 
-def check_same(a, b, rtol):
-    if isinstance(a, list):
-        assert len(a) == len(b)
-        for u, v in zip(a, b):
-            assert u.dtype == v.dtype and u.shape == v.shape
-            torch.testing.assert_close(u.double(), v.double(), rtol=rtol, atol=rtol)
-    else:
-        assert a.dtype == b.dtype
-        torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=rtol)
+def scalar_of(name):
+    s = SCALARS[name]
+    return s() if callable(s) else s
+
+
+def eps(dtype):
+    return torch.finfo(dtype).eps
+
+
+def acc_dtype(leaves):
+    return torch.float64 if any(t.dtype == torch.float64 for t in leaves) else torch.float32
+
+
+def magnitude(*things):
+    """max |entry| over the leaf lists and scalars given (the scale of a rounding error)."""
+    m = 0.0
+    for t in things:
+        if isinstance(t, list):
+            m = max([m] + [float(a.abs().max()) for a in t if a.numel()])
+        elif isinstance(t, torch.Tensor):
+            m = max(m, abs(float(t)))
+        else:
+            m = max(m, abs(float(t)))
+    return m
+
+
+def assert_leaves_close(got, want, scale):
+    """Leafwise: same dtype, shape and device, values within a few units in the last place of
+    the leaf dtype relative to `scale` (the size of the terms that were rounded)."""
+    assert isinstance(got, list) and len(got) == len(want)
+    for u, v in zip(got, want):
+        assert u.dtype == v.dtype and u.shape == v.shape and u.device == v.device, (u, v)
+        tol = 4 * eps(v.dtype) * max(scale, 1.0)
+        torch.testing.assert_close(u.double(), v.double(), rtol=tol, atol=tol, equal_nan=True)
+
+
+def assert_scalar_close(got, want, atol):
+    assert isinstance(got, torch.Tensor) and got.shape == () and got.dtype == want.dtype, (got, want)
+    assert got.device == want.device
+    torch.testing.assert_close(got.double(), want.double(), rtol=atol, atol=atol, equal_nan=True)
+
+
+def ops_pair():
+    return TorchForeachOps(), ArrayOps(XP)
+
+
+def snapshot(*things):
+    return [[t.clone() for t in x] if isinstance(x, list) else (x.clone() if isinstance(x, torch.Tensor) else x) for x in things]
+
+
+def assert_unchanged(before, after):
+    for b, a in zip(before, after):
+        if isinstance(a, list):
+            for u, v in zip(b, a):
+                torch.testing.assert_close(u, v, rtol=0, atol=0, equal_nan=True)
+        elif isinstance(a, torch.Tensor):
+            torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
+
+
+# --------------------------------------------------------------------------------------------
+# every method against ArrayOps
+
+
+def test_namespace_is_array_api_compat_torch():
+    assert TorchForeachOps().xp is XP
+    assert isinstance(TorchForeachOps(), ArrayOps)
 
 
 @pytest.mark.parametrize("scalar", list(SCALARS))
 @pytest.mark.parametrize("dtypes", list(DTYPE_SETS))
-def test_every_operation_matches_array_ops_and_mutates_nothing(dtypes, scalar):
+def test_elementwise_operations_match_array_ops(dtypes, scalar):
     dts = DTYPE_SETS[dtypes]
-    x, y = leaves(dts, 0), leaves(dts, 1)
-    xc, yc = [t.clone() for t in x], [t.clone() for t in y]
-    s = SCALARS[scalar]
-    fast, ref = TorchForeachOps(), ArrayOps(array_api_compat.array_namespace(x[0]))
-    rtol = tol(dts)
+    x, y = make_leaves(dts, 0), make_leaves(dts, 1)
+    s = scalar_of(scalar)
+    fast, ref = ops_pair()
+    m = magnitude(x, y) * (1 + magnitude(s))
     calls = [
-        ("add", (x, y)), ("sub", (x, y)), ("scale", (s, x)), ("axpy", (s, x, y)), ("lincomb", (s, x, -1.5, y)),
-        ("lincomb", (0.5, x, s, y)), ("mul", (x, y)), ("abs", (x,)), ("sign", (x,)), ("add_scalar", (x, s)),
-        ("vdot", (x, y)), ("vdot", (x, x)), ("norm", (x,)), ("weighted_norm", (x, y)), ("count_below", (x, 0.5)),
+        ("add", (x, y)),
+        ("sub", (x, y)),
+        ("mul", (x, y)),
+        ("abs", (x,)),
+        ("sign", (x,)),
+        ("scale", (s, x)),
+        ("axpy", (s, x, y)),
+        ("add_scalar", (x, s)),
+        ("lincomb", (s, x, -1.5, y)),
+        ("lincomb", (0.5, x, s, y)),
+        ("lincomb", (s, x, s, y)),
+        ("lincomb", (0.25, x, 3.0, y)),
     ]
     for name, args in calls:
-        check_same(getattr(fast, name)(*args), getattr(ref, name)(*args), rtol)
-    for a, b in zip(x + y, xc + yc):
-        assert torch.equal(a, b)  # inputs untouched
+        before = snapshot(*args)
+        got = getattr(fast, name)(*args)
+        assert_unchanged(before, args)
+        want = getattr(ref, name)(*args)
+        assert_leaves_close(got, want, 4 * m if name == "lincomb" else m)
+        for out, leaf in zip(got, x):
+            assert out.dtype == leaf.dtype and out.device == leaf.device  # the dtype of each leaf is kept
+        for out in got:
+            assert all(out is not t for t in x + y)  # fresh tensors, never an input
+
+
+@pytest.mark.parametrize("dtypes", list(DTYPE_SETS))
+def test_reductions_match_array_ops(dtypes):
+    dts = DTYPE_SETS[dtypes]
+    x, y, w = make_leaves(dts, 0), make_leaves(dts, 1), make_leaves(dts, 2)
+    fast, ref = ops_pair()
+    acc = acc_dtype(x)
+    n = sum(t.numel() for t in x)
+    before = snapshot(x, y, w)
+
+    norm_x, norm_y = float(ref.norm(x)), float(ref.norm(y))
+    assert_scalar_close(fast.norm(x), ref.norm(x), 8 * eps(acc) * norm_x)
+    assert_scalar_close(fast.vdot(x, x), ref.vdot(x, x), 8 * eps(acc) * norm_x**2)
+    # the error of a dot product scales with sum |x_i y_i| <= ||x|| ||y||, not with the result
+    assert_scalar_close(fast.vdot(x, y), ref.vdot(x, y), 8 * eps(acc) * math.sqrt(n) * norm_x * norm_y)
+    wx = float(ref.weighted_norm(w, x))
+    assert_scalar_close(fast.weighted_norm(w, x), ref.weighted_norm(w, x), 4 * eps(x[0].dtype) * (wx + 1))
+    for tol in (0.0, 0.05, 0.5, 1.0, 10.0):
+        assert_scalar_close(fast.count_below(x, tol), ref.count_below(x, tol), 8 * eps(acc))
+    for result in (fast.norm(x), fast.vdot(x, y), fast.count_below(x, 0.5)):
+        assert result.dtype == acc and result.device == x[0].device
+    assert_unchanged(before, [x, y, w])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_scalar_operations_match_array_ops(dtype):
+    fast, ref = ops_pair()
+    x = make_leaves([dtype] * 5, 0)
+    like = fast.scalar(2.5, x)
+    assert like.dtype == ref.scalar(2.5, x).dtype and like.shape == () and float(like) == 2.5
+    s = torch.tensor([1.0, float("inf"), float("nan")], dtype=dtype)
+    for a in s:
+        assert torch.equal(fast.isfinite(a), ref.isfinite(a))
+        assert torch.equal(fast.where(fast.isfinite(a), a, like.to(dtype)), ref.where(ref.isfinite(a), a, like.to(dtype)))
+
+
+def test_count_below_at_the_threshold_matches_array_ops():
+    """|x| == tol is not below; the next number down is; nan never is (every dtype)."""
+    fast, ref = ops_pair()
+    tol = 1e-3
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        t = torch.tensor(tol, dtype=dtype)
+        below = torch.nextafter(t.double(), torch.tensor(0.0, dtype=torch.float64)).to(dtype)
+        leaf = torch.stack([t, -t, below, -below, torch.tensor(float("nan"), dtype=dtype), torch.tensor(float("inf"), dtype=dtype), torch.zeros((), dtype=dtype)])
+        for x in ([leaf], [leaf, torch.ones((), dtype=dtype) * 1e-5]):
+            got, want = fast.count_below(x, tol), ref.count_below(x, tol)
+            assert_scalar_close(got, want, 1e-7)
+        tensor_tol = torch.tensor(tol, dtype=torch.float64)
+        assert_scalar_close(fast.count_below([leaf], tensor_tol), ref.count_below([leaf], tensor_tol), 1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_special_values_match_array_ops(dtype):
+    """sign(nan) is nan (the Array API's answer, not torch.sign's 0), infinities keep their sign,
+    and nan/inf flow through the reductions as in ArrayOps."""
+    fast, ref = ops_pair()
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 2.0, -3.0], dtype=dtype)
+    x = [special, torch.tensor(float("nan"), dtype=dtype), torch.tensor(-0.0, dtype=dtype)]
+    y = [torch.flip(special, (0,)), torch.tensor(1.0, dtype=dtype), torch.tensor(5.0, dtype=dtype)]
+    got = fast.sign(x)
+    assert_leaves_close(got, ref.sign(x), 1.0)
+    assert torch.isnan(got[0][0]) and torch.isnan(got[1])
+    for name, args in [("abs", (x,)), ("add", (x, y)), ("mul", (x, y)), ("axpy", (2.0, x, y)), ("scale", (0.5, x))]:
+        assert_leaves_close(getattr(fast, name)(*args), getattr(ref, name)(*args), 1.0)
+    for name, args in [("norm", (x,)), ("vdot", (x, y)), ("vdot", (y, y)), ("count_below", (x, 1.0))]:
+        assert_scalar_close(getattr(fast, name)(*args), getattr(ref, name)(*args), 1e-6)
+    assert torch.isinf(fast.norm([special[1:3]]))
+
+
+def test_zero_size_and_all_zero_dimensional_leaves():
+    fast, ref = ops_pair()
+    for x in (
+        [torch.ones(0, dtype=torch.float32), torch.tensor(3.0), torch.tensor(-4.0)],
+        [torch.tensor(3.0, dtype=torch.float64)],
+        [torch.zeros(2, 0, dtype=torch.float64), torch.ones(3, dtype=torch.float64)],
+    ):
+        y = [t + 1 for t in x]
+        for name, args in [("add", (x, y)), ("axpy", (torch.tensor(2.0), x, y)), ("sign", (x,)), ("lincomb", (1.0, x, torch.tensor(0.5), y))]:
+            assert_leaves_close(getattr(fast, name)(*args), getattr(ref, name)(*args), 10.0)
+        for name, args in [("norm", (x,)), ("vdot", (x, y)), ("count_below", (x, 3.5))]:
+            assert_scalar_close(getattr(fast, name)(*args), getattr(ref, name)(*args), 1e-6)
+
+
+def test_empty_lists():
+    fast = TorchForeachOps()
+    for name, args in [("add", ([], [])), ("scale", (2.0, [])), ("axpy", (torch.tensor(1.0), [], [])),
+                       ("lincomb", (1.0, [], 2.0, [])), ("sign", ([],)), ("add_scalar", ([], 1.0))]:
+        assert getattr(fast, name)(*args) == []
+    for name, args in [("norm", ([],)), ("vdot", ([], [])), ("count_below", ([], 0.1)), ("weighted_norm", ([], []))]:
+        out = getattr(fast, name)(*args)
+        assert out.shape == () and out.dtype == torch.float32 and float(out) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# precision of the reductions
 
 
 def test_reductions_accumulate_in_float32_for_half_precision():
-    x = [torch.full((1000,), 300.0, dtype=torch.float16)]  # squares overflow float16
-    n = TorchForeachOps().norm(x)
-    assert n.dtype == torch.float32 and torch.isfinite(n)
-    assert float(n) == pytest.approx(300.0 * 1000**0.5, rel=1e-3)
+    x = [torch.full((1000,), 300.0, dtype=torch.float16), torch.full((10,), 300.0, dtype=torch.bfloat16)]
+    fast = TorchForeachOps()
+    n = fast.norm(x)  # 300^2 * 1010 overflows float16
+    assert n.dtype == torch.float32
+    assert float(n) == pytest.approx(300.0 * math.sqrt(1010), rel=1e-6)
+    assert float(fast.vdot(x, [t * 1 for t in x])) == pytest.approx(300.0**2 * 1010, rel=1e-6)
+
+
+def test_reductions_accumulate_in_float64_when_one_leaf_is_float64():
+    """Products and sums of a float32 leaf are exact in float64 here, and not in float32."""
+    fast = TorchForeachOps()
+    x32 = torch.tensor([4097.0, 1.0, -4097.0], dtype=torch.float32)
+    y32 = torch.tensor([4097.0, 1.0, 4097.0], dtype=torch.float32)
+    zero64 = torch.zeros((), dtype=torch.float64)
+    d = fast.vdot([x32, zero64], [y32, zero64])
+    assert d.dtype == torch.float64 and float(d) == 1.0  # 4097^2 = 16785409 needs 25 bits
+    n = fast.norm([x32, zero64])
+    assert n.dtype == torch.float64
+    assert float(n) == pytest.approx(math.sqrt(2 * 4097.0**2 + 1), rel=1e-15)
+
+
+def test_vdot_of_nearly_orthogonal_lists_is_accurate():
+    """The signed sum 2 sum(max(p, 0)) - sum(|p|) keeps the accuracy of a plain sum."""
+    fast, ref = ops_pair()
+    g = torch.Generator().manual_seed(5)
+    x = [torch.randn(1000, generator=g, dtype=torch.float64), torch.randn(7, 9, generator=g, dtype=torch.float64)]
+    y = [t.clone() for t in x]
+    y[1] = -x[1] * float(x[0] @ x[0]) / float((x[1] * x[1]).sum())  # <x, y> = 0 exactly in real numbers
+    exact = math.fsum((x[0] * y[0]).tolist()) + math.fsum((x[1] * y[1]).reshape(-1).tolist())
+    scale = float(ref.norm(x)) * float(ref.norm(y))
+    assert abs(float(fast.vdot(x, y)) - exact) < 64 * eps(torch.float64) * scale
+    assert abs(float(ref.vdot(x, y)) - exact) < 64 * eps(torch.float64) * scale
+
+
+def test_older_pytorch_fallback_for_sums_of_squares(monkeypatch):
+    """Without torch._foreach_powsum (older PyTorch) the sums of squares come from _foreach_norm."""
+    monkeypatch.setattr(_ops, "_sumsq", _ops._sumsq_via_norm)
+    fast, ref = ops_pair()
+    for dts in (DTYPE_SETS["float64"], DTYPE_SETS["mixed"]):
+        x, y = make_leaves(dts, 0), make_leaves(dts, 1)
+        acc = acc_dtype(x)
+        assert_scalar_close(fast.norm(x), ref.norm(x), 16 * eps(acc) * float(ref.norm(x)))
+        assert_scalar_close(fast.vdot(x, y), ref.vdot(x, y), 32 * eps(acc) * float(ref.norm(x)) * float(ref.norm(y)))
+        assert_scalar_close(fast.count_below(x, 0.5), ref.count_below(x, 0.5), 8 * eps(acc))
+
+
+# --------------------------------------------------------------------------------------------
+# no host synchronization
+
+
+@contextlib.contextmanager
+def no_host_reads(monkeypatch):
+    """Any Python-level read of a tensor's value (item, float, int, bool, tolist, numpy)
+    raises: on an accelerator each of those would wait for the device."""
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a tensor was read back to the host")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__"):
+            m.setattr(torch.Tensor, name, refuse)
+        yield
+
+
+def test_no_tensor_is_read_back_to_the_host(monkeypatch):
+    x, y = make_leaves(DTYPE_SETS["mixed"], 0), make_leaves(DTYPE_SETS["mixed"], 1)
+    s = torch.tensor(0.3, dtype=torch.float64)
+    fast = TorchForeachOps()
+    with no_host_reads(monkeypatch):
+        fast.scale(s, x), fast.axpy(s, x, y), fast.lincomb(s, x, s, y), fast.add_scalar(x, s)
+        fast.sign(x), fast.norm(x), fast.vdot(x, y), fast.weighted_norm(x, y), fast.count_below(x, 0.1)
+        fast.count_below(x, s)
+        n = fast.norm(x)
+        fast.scale(1.0 / (n + 1e-12), x)
+    with pytest.raises(AssertionError, match="read back"), no_host_reads(monkeypatch):
+        float(n)  # the guard itself works
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fused_paths_do_not_synchronize():
+    dev = torch.device("cuda")
+    x = [t.to(dev) for t in make_leaves(DTYPE_SETS["mixed"], 0)]
+    y = [t.to(dev) for t in make_leaves(DTYPE_SETS["mixed"], 1)]
+    fast, ref = TorchForeachOps(), ArrayOps(XP)
+    cpu_scalar = torch.tensor(0.5, dtype=torch.float64)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        n = fast.norm(x)
+        s = 0.1 / (n + 1e-12)
+        out = [fast.axpy(s, x, y), fast.lincomb(s, x, 0.5, y), fast.scale(cpu_scalar, x), fast.sign(x)]
+        reds = [fast.vdot(x, y), fast.count_below(x, 0.5), fast.weighted_norm(x, y)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_leaves_close(out[0], ref.axpy(s, x, y), 10.0)
+    assert_leaves_close(out[2], ref.scale(cpu_scalar, x), 10.0)
+    assert all(t.device.type == "cuda" for t in out[0] + reds)
+    assert_scalar_close(reds[0], ref.vdot(x, y), 1e-10)
+
+
+# --------------------------------------------------------------------------------------------
+# every rule through TorchForeachOps
 
 
 SETTINGS = [
-    ("sgd", {}), ("sam", {"rho": 0.05}), ("sam", {"rho": 0.5, "adaptive": True, "eta": 0.01}),
-    ("gnp", {"r": 0.05, "alpha": 0.8, "mix_unit_gradient": True}), ("gr", {"gamma": 0.1, "penalty": "norm"}),
+    ("sgd", {}),
+    ("sam", {"rho": 0.05}),
+    ("sam", {"rho": 0.5, "adaptive": True, "eta": 0.01}),
+    ("gnp", {"r": 0.05, "alpha": 0.8}),
+    ("gnp", {"r": 0.05, "alpha": 0.8, "mix_unit_gradient": True}),
+    ("gr", {"gamma": 0.1}),
+    ("gr", {"gamma": 0.1, "penalty": "norm"}),
+    ("fd_gr", {"gamma": 0.1, "eps": 0.01}),
     ("fd_gr", {"gamma": 0.1, "eps": 0.01, "difference": "central", "normalize": True}),
-    ("gam", {"adaptive": True}), ("gam", {"variant": "paper"}), ("flooding", {"b": 10.0}),
+    ("fd_gr", {"gamma": 0.1, "eps": 0.02, "difference": "backward"}),
+    ("gam", {}),
+    ("gam", {"adaptive": True, "variant": "paper"}),
+    ("flooding", {"b": 10.0}),
+    ("flooding", {"b": 0.01}),
     ("coherent", {"lam": 0.3, "threshold": 0.2, "penalty": "l1"}),
+    ("coherent", {"lam": 0.1, "threshold": -1.0, "delay": 1}),
 ]
 
 
-@pytest.mark.parametrize("rule,hyper", SETTINGS, ids=[f"{r}-{h}" for r, h in SETTINGS])
-def test_rules_give_the_same_direction_through_foreach_ops(rule, hyper):
+def problem(dtype=torch.float64):
+    """A small tanh network on a dict of leaves (a 0-d leaf included), with autograd
+    gradients and double-backward Hessian-vector products."""
     g = torch.Generator().manual_seed(3)
-    A = torch.randn(6, 6, generator=g, dtype=torch.float64)
-    A = A @ A.T + torch.eye(6, dtype=torch.float64)
+    params = {
+        "w1": torch.randn(4, 3, generator=g, dtype=torch.float64).to(dtype),
+        "b1": torch.randn(4, generator=g, dtype=torch.float64).to(dtype),
+        "w2": torch.randn(2, 4, generator=g, dtype=torch.float64).to(dtype),
+        "temperature": torch.tensor(0.7, dtype=dtype),
+    }
+    x = torch.randn(8, 3, generator=g, dtype=torch.float64).to(dtype)
+    t = torch.randn(8, 2, generator=g, dtype=torch.float64).to(dtype)
+
+    def loss(p):
+        h = torch.tanh(x @ p["w1"].T + p["b1"])
+        return ((p["temperature"] * h @ p["w2"].T - t) ** 2).mean()
 
     def grad_fn(p):
-        x = torch.cat([p["a"].reshape(-1), p["b"].reshape(-1)])
-        gx = A @ x
-        return 0.5 * x @ gx + torch.sin(x).sum(), {"a": (gx + torch.cos(x))[:4].reshape(2, 2), "b": (gx + torch.cos(x))[4:]}
+        with torch.enable_grad():
+            q = {k: v.detach().requires_grad_(True) for k, v in p.items()}
+            value = loss(q)
+            grads = torch.autograd.grad(value, list(q.values()))
+        return value.detach(), dict(zip(q, grads))
 
     def hvp_fn(p, v):
-        x = torch.cat([p["a"].reshape(-1), p["b"].reshape(-1)])
-        u = torch.cat([v["a"].reshape(-1), v["b"].reshape(-1)])
-        hu = A @ u - torch.sin(x) * u
-        return {"a": hu[:4].reshape(2, 2), "b": hu[4:]}
+        with torch.enable_grad():
+            q = {k: t.detach().requires_grad_(True) for k, t in p.items()}
+            grads = torch.autograd.grad(loss(q), list(q.values()), create_graph=True)
+            hv = torch.autograd.grad(grads, list(q.values()), grad_outputs=[v[k] for k in q])
+        return dict(zip(q, hv))
 
-    params = {"a": torch.randn(2, 2, generator=g, dtype=torch.float64), "b": torch.randn(2, generator=g, dtype=torch.float64)}
+    return params, gradnorm.FunctionOracle(grad_fn, hvp_fn)
+
+
+def assert_trees_close(a, b, rtol, atol):
+    if isinstance(a, dict):
+        assert set(a) == set(b)
+        for k in a:
+            assert_trees_close(a[k], b[k], rtol, atol)
+    elif isinstance(a, tuple):
+        assert type(a) is type(b) and len(a) == len(b)
+        for u, v in zip(a, b):
+            assert_trees_close(u, v, rtol, atol)
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    else:
+        assert a == b
+
+
+def run_steps(rule, params, oracle, ops, steps=3, lr=0.1):
+    """A few plain gradient steps along the rule's direction: (directions, states, infos)."""
+    state = rule.init(params)
+    record = []
+    for _ in range(steps):
+        direction, state, info = rule.update(params, state, oracle, ops=ops)
+        record.append((direction, state, info))
+        params = {k: p - lr * direction[k] for k, p in params.items()}
+    return record
+
+
+@pytest.mark.parametrize("rule,hyper", SETTINGS, ids=[f"{r}-{'-'.join(f'{k}={v}' for k, v in h.items())}" for r, h in SETTINGS])
+def test_rules_give_the_same_steps_through_foreach_ops(rule, hyper):
+    params, oracle = problem()
+    before = {k: v.clone() for k, v in params.items()}
     r = gradnorm.rules.get(rule, **hyper)
-    oracle = gradnorm.FunctionOracle(grad_fn, hvp_fn)
+    want = run_steps(r, params, oracle, None)
+    got = run_steps(r, params, oracle, TorchForeachOps())
+    for (d1, s1, i1), (d2, s2, i2) in zip(got, want):
+        assert_trees_close(d1, d2, rtol=1e-12, atol=1e-14)
+        assert_trees_close(s1, s2, rtol=0, atol=0)
+        assert_trees_close(i1, i2, rtol=1e-12, atol=1e-14)
+    for k in params:
+        assert torch.equal(params[k], before[k])
+
+
+@pytest.mark.parametrize(
+    "rule,hyper",
+    [
+        ("sam", {"rho": 0.05}),
+        ("sam", {"rho": 0.5, "adaptive": True, "eta": 0.01}),
+        ("gnp", {"r": 0.05, "alpha": 0.8}),
+        ("gr", {"gamma": 0.1, "penalty": "norm"}),
+        ("fd_gr", {"gamma": 0.1, "eps": 0.01, "difference": "central"}),
+        ("gam", {"grad_gamma": 0.1}),
+        ("flooding", {"b": 0.5}),
+        ("coherent", {"lam": 0.1, "threshold": 0.0}),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+@pytest.mark.parametrize("scalar_dtype", [torch.float64, torch.float32])
+def test_rules_with_tensor_hyperparameters(rule, hyper, scalar_dtype):
+    """0-d tensor hyperparameters (schedules) take the arithmetic path: 0-d tensor scalars of
+    another dtype than the leaves, cast per leaf, never read back."""
+    params, oracle = problem()
+    hyper = {k: torch.tensor(v, dtype=scalar_dtype) if isinstance(v, float) else v for k, v in hyper.items()}
+    r = gradnorm.rules.get(rule, **hyper)
     d_ref, s_ref, i_ref = r.update(params, r.init(params), oracle)
     d_fast, s_fast, i_fast = r.update(params, r.init(params), oracle, ops=TorchForeachOps())
-    for k in params:
-        torch.testing.assert_close(d_fast[k], d_ref[k], rtol=1e-12, atol=1e-13)
-    for k in ("loss", "grad_norm", "update_norm"):
-        torch.testing.assert_close(torch.as_tensor(i_fast[k]), torch.as_tensor(i_ref[k]), rtol=1e-12, atol=1e-13)
+    tol = 1e-12 if scalar_dtype == torch.float64 else 1e-6
+    assert_trees_close(d_fast, d_ref, rtol=tol, atol=tol)
+    assert_trees_close(i_fast, i_ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("rule,hyper", SETTINGS[::2], ids=[r for r, _ in SETTINGS[::2]])
+def test_rules_in_float32_and_without_host_reads(rule, hyper, monkeypatch):
+    params, oracle = problem(torch.float32)
+    r = gradnorm.rules.get(rule, **hyper)
+    d_ref, _, i_ref = r.update(params, r.init(params), oracle)
+    with no_host_reads(monkeypatch):  # the rule math on TorchForeachOps (the oracle is autograd's)
+        d_fast, _, i_fast = r.update(params, r.init(params), oracle, ops=TorchForeachOps())
+    assert_trees_close(d_fast, d_ref, rtol=2e-5, atol=2e-6)
+    assert all(d.dtype == torch.float32 for d in d_fast.values())
+    assert i_fast["grad_norm"].dtype == torch.float32

@@ -15,8 +15,8 @@ Contract (the same as `ArrayOps`):
 * A 0-d tensor scalar is cast to each leaf's dtype before it touches the leaf, so bf16 and
   fp16 lists stay in their dtype. A Python number is passed to the kernels as it is.
 * Reductions accumulate in float32 at least, or in float64 if any leaf is float64
-  (``_foreach_powsum(..., dtype=...)`` accumulates in the requested dtype without copying
-  the leaves).
+  (``_foreach_powsum`` / ``_foreach_norm`` with ``dtype=`` accumulate in the requested dtype
+  without copying the leaves).
 
 Lists may mix dtypes: operations are applied per dtype group, so every group takes the fused
 CUDA path (a mixed list would otherwise fall back to PyTorch's per-tensor loop) and gets its
@@ -41,25 +41,28 @@ Scalar = Any  # a Python number or a 0-d tensor
 
 
 # --------------------------------------------------------------------------------------
-# per-leaf sums of |x|^p in a given dtype
+# per-leaf sums, accumulated in a given dtype
 
 
-def _powsum_fused(x: Sequence[torch.Tensor], p: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """`[sum(|a|^p) for a in x]`, accumulated in `dtype` (PyTorch >= 2.10)."""
-    return torch._foreach_powsum(x, p, dtype=dtype)
+def _l1(x: Sequence[torch.Tensor], dtype: torch.dtype) -> Sequence[torch.Tensor]:
+    """`[sum(|a|) for a in x]` (the L1 norms; faster than ``_foreach_powsum(x, 1)`` on CPU)."""
+    return torch._foreach_norm(x, 1, dtype=dtype)
 
 
-def _powsum_via_norm(x: Sequence[torch.Tensor], p: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """The same from ``_foreach_norm`` (older PyTorch): the L1 norm, or the squared L2 norm."""
-    norms = torch._foreach_norm(x, p, dtype=dtype)
-    if p == 1:
-        return norms
+def _sumsq_fused(x: Sequence[torch.Tensor], dtype: torch.dtype) -> Sequence[torch.Tensor]:
+    """`[sum(a^2) for a in x]` without a square root (``_foreach_powsum``, newer PyTorch)."""
+    return torch._foreach_powsum(x, 2, dtype=dtype)
+
+
+def _sumsq_via_norm(x: Sequence[torch.Tensor], dtype: torch.dtype) -> Sequence[torch.Tensor]:
+    """The same as squared L2 norms, for PyTorch without ``_foreach_powsum``."""
+    norms = torch._foreach_norm(x, 2, dtype=dtype)
     torch._foreach_mul_(norms, norms)  # fresh 0-d outputs
     return norms
 
 
-_powsum: Callable[[Sequence[torch.Tensor], int, torch.dtype], list[torch.Tensor]] = (
-    _powsum_fused if hasattr(torch, "_foreach_powsum") else _powsum_via_norm
+_sumsq: Callable[[Sequence[torch.Tensor], torch.dtype], Sequence[torch.Tensor]] = (
+    _sumsq_fused if hasattr(torch, "_foreach_powsum") else _sumsq_via_norm
 )
 
 
@@ -123,7 +126,7 @@ def _count_below(x: Leaves, tol: Scalar, dtype: torch.dtype) -> list[torch.Tenso
         torch._foreach_sub_(work, tol)
     torch._foreach_sign_(work)
     torch._foreach_clamp_max_(work, 0.0)
-    return _powsum(work, 1, dtype)
+    return _l1(work, dtype)
 
 
 def _cast(x: Leaves, dtype: torch.dtype) -> Leaves:
@@ -160,8 +163,8 @@ class TorchForeachOps(ArrayOps):
     (``vdot`` of two different lists is ``2 sum(max(p, 0)) - sum(|p|)`` over the products
     ``p``, since PyTorch has no fused signed sum; its error bound is of the same order as a
     plain sum's, a few units in the last place of ``sum(|p|)``). ``sign`` returns nan for nan
-    as the Array API does, without the boolean-mask write (a host synchronization on CUDA) of
-    ``array_api_compat.torch.sign``. Empty lists give empty lists and 0-d float32 zeros.
+    as the Array API (and ``array_api_compat.torch.sign``, with a per-leaf boolean-mask write)
+    does, although ``torch.sign(nan)`` is 0. Empty lists give empty lists and 0-d float32 zeros.
     """
 
     def __init__(self) -> None:
@@ -186,18 +189,18 @@ class TorchForeachOps(ArrayOps):
         return out
 
     @staticmethod
-    def _reduce(fn: Callable[..., list[torch.Tensor]], lists: tuple[Leaves, ...]) -> tuple[list[torch.Tensor], torch.dtype]:
-        """The 0-d per-leaf partials of `fn(*group_lists, acc_dtype)` over the dtype groups."""
+    def _reduce(fn: Callable[..., Sequence[torch.Tensor]], lists: tuple[Leaves, ...]) -> list[torch.Tensor]:
+        """The 0-d partials `fn(*lists, acc)` returns for each dtype group of `lists[0]`, where
+        `acc` is the accumulation dtype of the whole list (float64 if any leaf is float64)."""
         x = lists[0]
         groups = _groups(x)
         if groups is None:
-            acc = torch.float64 if x[0].dtype is torch.float64 else torch.float32
-            return list(fn(*lists, acc)), acc
+            return list(fn(*lists, torch.float64 if x[0].dtype is torch.float64 else torch.float32))
         acc = torch.float64 if any(x[idx[0]].dtype is torch.float64 for idx in groups) else torch.float32
         partials: list[torch.Tensor] = []
         for idx in groups:
             partials.extend(fn(*[[leaves[i] for i in idx] for leaves in lists], acc))
-        return partials, acc
+        return partials
 
     @staticmethod
     def _zero() -> torch.Tensor:
@@ -246,16 +249,16 @@ class TorchForeachOps(ArrayOps):
             else:  # multiply in the accumulation dtype, as ArrayOps does
                 products = _cast(u, acc)
                 torch._foreach_mul_(products, _cast(v, acc))
-            total = _powsum(products, 1, acc)  # sum |p|
+            total = _l1(products, acc)  # sum |p|
             torch._foreach_clamp_min_(products, 0.0)
-            positive = _powsum(products, 1, acc)  # sum max(p, 0)
+            positive = _l1(products, acc)  # sum max(p, 0)
             return [2 * torch.stack(positive).sum() - torch.stack(total).sum()]
 
-        partials, _ = self._reduce(parts, (x, y))
+        partials = self._reduce(parts, (x, y))
         return partials[0] if len(partials) == 1 else torch.stack(partials).sum()
 
     def _sum_of_squares(self, x: Leaves) -> torch.Tensor:
-        partials, _ = self._reduce(lambda u, acc: _powsum(u, 2, acc), (x,))
+        partials = self._reduce(_sumsq, (x,))
         return torch.stack(partials).sum()
 
     def norm(self, x: Leaves) -> Any:
@@ -272,6 +275,6 @@ class TorchForeachOps(ArrayOps):
         """Fraction of all entries with `|x| < tol` (0-d, accumulation dtype)."""
         if not x:
             return self._zero()
-        partials, _ = self._reduce(lambda u, acc: _count_below(u, _like(tol, u[0]), acc), (x,))
+        partials = self._reduce(lambda u, acc: _count_below(u, _like(tol, u[0]), acc), (x,))
         total = sum(leaf.numel() for leaf in x)
         return torch.stack(partials).sum() / max(total, 1)
