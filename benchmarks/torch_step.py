@@ -40,21 +40,24 @@ def make(device: str, depth: int = 40, width: int = 64, batch: int = 128):
     return model, x, y
 
 
-def timed(fn, steps: int, repeats: int, device: str) -> float:
-    """Median over repeats of the mean time per call, in milliseconds."""
-    for _ in range(10):
-        fn()
-    results = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
+def timed_interleaved(fns: dict, steps: int, repeats: int, device: str) -> dict:
+    """Median over repeats of the mean time per call (ms) of every function; each repeat times
+    every function once, round-robin, so that drift of the machine affects all alike."""
+    for fn in fns.values():
+        for _ in range(5):
             fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        results.append((time.perf_counter() - start) / steps * 1e3)
-    return statistics.median(results)
+    samples: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            samples[name].append((time.perf_counter() - start) / steps * 1e3)
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def main() -> None:
@@ -76,19 +79,11 @@ def main() -> None:
         return loss
 
     base = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, foreach=True)
-    t_grad = timed(closure, args.steps, args.repeats, args.device)
-    closure()
-    t_update = timed(base.step, args.steps, args.repeats, args.device)
-
-    rows = []
+    fns = {"gradient": closure, "update": base.step}
+    opts = {}
     for rule, hyper in RULES:
-        opt = gt.Optimizer(model.parameters(), torch.optim.SGD, rule=rule, lr=1e-4, momentum=0.9, foreach=True, **hyper)
-        t = timed(lambda: opt.step(closure), args.steps, args.repeats, args.device)
-        evals = opt.rule.grad_evals
-        floor = evals * t_grad + t_update
-        label = f"{evals} grads" + (" + 1 HVP" if opt.rule.needs_hvp else "")
-        rows.append((f"gradnorm {rule}", label, t, floor))
-
+        opts[rule] = gt.Optimizer(model.parameters(), torch.optim.SGD, rule=rule, lr=1e-4, momentum=0.9, foreach=True, **hyper)
+        fns[rule] = (lambda o: (lambda: o.step(closure)))(opts[rule])
     try:
         from pytorch_optimizer import SAM
 
@@ -98,11 +93,20 @@ def main() -> None:
             closure()
             peer.step(closure)
 
-        closure()
-        t = timed(peer_step, args.steps, args.repeats, args.device)
-        rows.append(("pytorch_optimizer.SAM(foreach=True)", "2 grads", t, 2 * t_grad + t_update))
+        fns["peer"] = peer_step
     except ImportError:
         pass
+    closure()
+    t = timed_interleaved(fns, args.steps, args.repeats, args.device)
+    t_grad, t_update = t["gradient"], t["update"]
+    rows = []
+    for rule, _ in RULES:
+        opt = opts[rule]
+        evals = opt.rule.grad_evals
+        label = f"{evals} grads" + (" + 1 HVP" if opt.rule.needs_hvp else "")
+        rows.append((f"gradnorm {rule}", label, t[rule], evals * t_grad + t_update))
+    if "peer" in t:
+        rows.append(("pytorch_optimizer.SAM(foreach=True)", "2 grads", t["peer"], 2 * t_grad + t_update))
 
     print(f"deep narrow MLP 40 x 64, batch 128, {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; one gradient {t_grad:.3f} ms, one SGD update {t_update:.3f} ms")
