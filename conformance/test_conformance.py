@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import optree
 import pytest
 
 from conformance import golden as golden_mod

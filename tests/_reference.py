@@ -8,7 +8,7 @@ arrays; :class:`Layout` maps them to and from the parameter trees handed to ``gr
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

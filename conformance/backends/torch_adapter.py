@@ -14,6 +14,7 @@ from ..problems import Problem
 from ..reference import Trajectory
 from ..scenarios import Scenario
 from . import Backend, flat
+from .torch_core import sgd_trajectory
 
 
 def _data_and_params(problem: Problem, dtype: str, params: Any = None):
@@ -85,26 +86,11 @@ class TorchFunctionalBackend(Backend):
         return loss_fn, tree
 
     def run(self, scenario: Scenario, problem: Problem, dtype: str) -> Trajectory:
-        import torch
-
         import gradnorm.torch as gt
 
         loss_fn, tree = self._fns(problem, dtype)
         rule = gradnorm.rules.get(scenario.rule, **scenario.hyperparameters)
-        leaves, treedef = optree.tree_flatten(tree)
-        momentum = scenario.momentum if scenario.optimizer == "momentum" else 0.0
-        opt = torch.optim.SGD(leaves, lr=scenario.lr, momentum=momentum)
-        state = None
-        record, losses = [flat([p.numpy() for p in leaves])], []
-        for _ in range(scenario.steps):
-            res = gt.step(optree.tree_unflatten(treedef, leaves), loss_fn, rule=rule, state=state)
-            state = res.state
-            for p, d in zip(leaves, optree.tree_leaves(res.grad)):
-                p.grad = d
-            opt.step()
-            record.append(flat([p.detach().numpy() for p in leaves]))
-            losses.append(float(res.loss))
-        return Trajectory(np.array(record), np.array(losses))
+        return sgd_trajectory(tree, scenario, lambda params, state: gt.step(params, loss_fn, rule=rule, state=state))
 
     def direction(self, problem, rule, hyper, dtype, params=None):
         import gradnorm.torch as gt

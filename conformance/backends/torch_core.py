@@ -16,6 +16,27 @@ from ..scenarios import Scenario
 from . import Backend, flat
 
 
+def sgd_trajectory(params: Any, scenario: Scenario, step: Any) -> Trajectory:
+    """Run ``step(params, state) -> StepResult`` for ``scenario.steps`` steps, applying each
+    direction with ``torch.optim.SGD`` (momentum as the scenario says), and record it."""
+    import torch
+
+    leaves, treedef = optree.tree_flatten(params)
+    momentum = scenario.momentum if scenario.optimizer == "momentum" else 0.0
+    opt = torch.optim.SGD(leaves, lr=scenario.lr, momentum=momentum)
+    state = None
+    record, losses = [flat([p.detach().numpy() for p in leaves])], []
+    for _ in range(scenario.steps):
+        res = step(optree.tree_unflatten(treedef, leaves), state)
+        state = res.state
+        for p, d in zip(leaves, optree.tree_leaves(res.grad)):
+            p.grad = d
+        opt.step()
+        record.append(flat([p.detach().numpy() for p in leaves]))
+        losses.append(float(res.loss))
+    return Trajectory(np.array(record), np.array(losses))
+
+
 class TorchCore(Backend):
     name = "torch-core"
     description = "torch tensors, gradnorm.step, autograd grad_fn + double-backward hvp_fn, torch.optim.SGD"
@@ -55,24 +76,10 @@ class TorchCore(Backend):
         return grad_fn, hvp_fn, params
 
     def run(self, scenario: Scenario, problem: Problem, dtype: str) -> Trajectory:
-        import torch
 
         grad_fn, hvp_fn, params = self._setup(problem, dtype)
         rule = gradnorm.rules.get(scenario.rule, **scenario.hyperparameters)
-        leaves = optree.tree_leaves(params)
-        momentum = scenario.momentum if scenario.optimizer == "momentum" else 0.0
-        opt = torch.optim.SGD(leaves, lr=scenario.lr, momentum=momentum)
-        state = None
-        record, losses = [flat([p.numpy() for p in leaves])], []
-        for _ in range(scenario.steps):
-            res = gradnorm.step(params, grad_fn, rule=rule, state=state, hvp_fn=hvp_fn)
-            state = res.state
-            for p, d in zip(leaves, optree.tree_leaves(res.grad)):
-                p.grad = d
-            opt.step()
-            record.append(flat([p.detach().numpy() for p in leaves]))
-            losses.append(float(res.loss))
-        return Trajectory(np.array(record), np.array(losses))
+        return sgd_trajectory(params, scenario, lambda tree, state: gradnorm.step(tree, grad_fn, rule=rule, state=state, hvp_fn=hvp_fn))
 
     def direction(self, problem, rule, hyper, dtype, params=None):
         import torch
