@@ -57,10 +57,11 @@ class _ClosureOracle:
             )
         for p in self.params:
             p.grad = None
-        with torch.enable_grad(), warnings.catch_warnings():
-            # backward(create_graph=True) warns about a parameter <-> .grad reference cycle;
-            # the gradients are detached from the parameters right below, which breaks it.
-            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+        with torch.enable_grad(), warnings.catch_warnings() if create_graph else contextlib.nullcontext():
+            if create_graph:
+                # backward(create_graph=True) warns about a parameter <-> .grad reference cycle;
+                # the gradients are detached from the parameters right below, which breaks it.
+                warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
             sync = self.model.no_sync() if self.ddp == "local" else contextlib.nullcontext()
             with sync:  # forward and backward both inside no_sync: DDP decides in forward
                 loss = self.closure(create_graph=True) if create_graph else self.closure()
@@ -280,7 +281,7 @@ class Optimizer(torch.optim.Optimizer):
         # Rules evaluate the closure at points computed from the weights, and the oracle writes
         # those points into the live parameters: the rule must see a snapshot, which is also the
         # exact copy the weights are restored from (the one parameter-sized buffer of the floor).
-        backup = [p.detach().clone() for p in params] if self.rule.grad_evals > 1 else None
+        backup = self._snapshot(params) if self.rule.grad_evals > 1 else None
         point = backup if backup is not None else params
         try:
             if loss is None:
@@ -316,6 +317,18 @@ class Optimizer(torch.optim.Optimizer):
             p.grad = d
         self.base.step()
         return first_loss
+
+    def _snapshot(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A copy of the weights in a buffer kept between steps (never in the state dict)."""
+        buf = getattr(self, "_scratch", None)
+        if buf is None or len(buf) != len(params) or any(
+            b.shape != p.shape or b.dtype != p.dtype or b.device != p.device for b, p in zip(buf, params)
+        ):
+            buf = [torch.empty_like(p) for p in params]
+            self._scratch = buf
+        with torch.no_grad():
+            torch._foreach_copy_(buf, params)
+        return buf
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
