@@ -22,6 +22,12 @@ def norm(v: np.ndarray) -> float:
     return float(np.sqrt(np.sum(v * v)))
 
 
+def _zero(value: Any) -> bool:
+    """A strength of 0: a number, or a vector of per-coordinate values (per-leaf hyperparameters
+    expanded to the flat parameter vector) that are all 0."""
+    return bool(np.all(np.asarray(value) == 0))
+
+
 @dataclasses.dataclass
 class Expected:
     direction: np.ndarray
@@ -51,7 +57,7 @@ def ref_sgd(p: Any, x: np.ndarray, *, norm_eps: float = NORM_EPS) -> Expected:
 def ref_sam(p: Any, x: np.ndarray, *, rho: float, adaptive: bool = False, eta: float = 0.0,
             norm_eps: float = NORM_EPS) -> Expected:
     g = p.grad(x)
-    if rho == 0:
+    if _zero(rho):
         return Expected(g, _base_info(p, x, g, g), 1)
     xe = x + _offset(x, g, rho, adaptive, eta, norm_eps)
     d = p.grad(xe)
@@ -63,7 +69,7 @@ def ref_sam(p: Any, x: np.ndarray, *, rho: float, adaptive: bool = False, eta: f
 def ref_gnp(p: Any, x: np.ndarray, *, r: float, alpha: float, mix_unit_gradient: bool = False,
             norm_eps: float = NORM_EPS) -> Expected:
     g = p.grad(x)
-    if r == 0 or alpha == 0:
+    if _zero(r) or _zero(alpha):
         return Expected(g, _base_info(p, x, g, g), 1)
     ghat = g / (norm(g) + norm_eps)
     xe = x + r * ghat
@@ -76,7 +82,7 @@ def ref_gnp(p: Any, x: np.ndarray, *, r: float, alpha: float, mix_unit_gradient:
 
 def ref_gr(p: Any, x: np.ndarray, *, gamma: float, penalty: str = "squared", norm_eps: float = NORM_EPS) -> Expected:
     g = p.grad(x)
-    if gamma == 0:
+    if _zero(gamma):
         return Expected(g, _base_info(p, x, g, g), 1)
     hg = p.hvp(x, g)
     if penalty == "squared":
@@ -91,7 +97,7 @@ def ref_gr(p: Any, x: np.ndarray, *, gamma: float, penalty: str = "squared", nor
 def ref_fd_gr(p: Any, x: np.ndarray, *, gamma: float, eps: float, difference: str = "forward",
               normalize: bool = False, norm_eps: float = NORM_EPS) -> Expected:
     g = p.grad(x)
-    if gamma == 0:
+    if _zero(gamma):
         return Expected(g, _base_info(p, x, g, g), 1)
     s = eps / (norm(g) + norm_eps) if normalize else eps
     extra: dict[str, float] = {"step_size": s}
@@ -131,7 +137,7 @@ def ref_gam(p: Any, x: np.ndarray, *, grad_rho: float = 0.02, grad_norm_rho: flo
             grad_beta_0: float = 0.5, grad_beta_1: float = 0.6, grad_gamma: float = 0.03,
             adaptive: bool = False, variant: str = "code", norm_eps: float = NORM_EPS) -> Expected:
     g0 = p.grad(x)
-    if grad_rho == 0 and grad_norm_rho == 0:
+    if _zero(grad_rho) and _zero(grad_norm_rho):
         return Expected(g0, _base_info(p, x, g0, g0), 1)
     x1 = x + _offset(x, g0, grad_rho, adaptive, 0.0, norm_eps)
     g1 = p.grad(x1)

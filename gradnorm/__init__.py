@@ -23,7 +23,7 @@ from ._errors import (
 )
 from ._oracle import FunctionOracle, Oracle
 from ._step import StepResult, step
-from ._tree import ArrayOps
+from ._tree import ArrayOps, PerLeaf
 from .rules import Rule, flood, iflood
 
 __version__ = "0.1.0"
@@ -36,6 +36,7 @@ __all__ = [
     "Oracle",
     "FunctionOracle",
     "ArrayOps",
+    "PerLeaf",
     "flood",
     "iflood",
     "available_rules",

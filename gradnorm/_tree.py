@@ -18,12 +18,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import itertools
+import numbers
+import operator
+
 import array_api_compat
 import optree
 
 from ._errors import ParamsError, describe
 
-__all__ = ["ArrayOps", "flatten", "unflatten", "tree_structure", "namespace_of"]
+__all__ = ["ArrayOps", "PerLeaf", "flatten", "unflatten", "tree_structure", "namespace_of"]
 
 Leaves = list[Any]
 Scalar = Any  # a Python float or a 0-d array
@@ -66,10 +70,148 @@ def namespace_of(leaves: Sequence[Any], *, argument: str = "params") -> Any:
         ) from err
 
 
+def _is_one(x: Any) -> bool:
+    return isinstance(x, numbers.Number) and x == 1
+
+
+class PerLeaf:
+    r"""A scalar with one value per leaf of the parameter tree: a hyperparameter that differs
+    between parameters, as a perturbation radius or a regularization strength per PyTorch
+    parameter group (`gradnorm.torch.Optimizer` builds one from its groups).
+
+    `PerLeaf(values)` takes a tree of numbers (or 0-d arrays) with the structure of the
+    parameters, or a flat sequence in the parameters' leaf order (optree's, as `jax.tree`'s)::
+
+        gradnorm.step(params, grad_fn, rule="sam", rho=gradnorm.PerLeaf({"w": 0.1, "b": 0.0}))
+
+    Arithmetic with an ordinary scalar `s` acts on every leaf's value (`rho / (norm + eps)` is
+    leaf i's `rho_i / (norm + eps)`), and `ArrayOps` applies leaf i's value to leaf i. Norms stay
+    global over all leaves (as in davda54/sam and pytorch-optimizer, whose groups scale one
+    global-norm perturbation). Only hyperparameters a rule declares `leafwise` accept one.
+
+    The value of leaf i is kept as `values[i] * factor`, so that multiplying or dividing by a 0-d
+    array (`rho / (||g|| + eps)`) is one operation, not one per leaf.
+    """
+
+    __slots__ = ("values", "factor", "treedef")
+
+    def __init__(self, values: Any):
+        leaves, treedef = optree.tree_flatten(values)
+        if not leaves:
+            raise ValueError(f"`values` of PerLeaf must hold at least one value. Received: {describe(values)}.")
+        object.__setattr__(self, "values", tuple(leaves))
+        object.__setattr__(self, "factor", 1.0)
+        object.__setattr__(self, "treedef", treedef)
+
+    @classmethod
+    def _make(cls, values: tuple[Any, ...], factor: Any = 1.0) -> PerLeaf:
+        """A derived PerLeaf (leaf order already fixed; no tree structure to check)."""
+        out = object.__new__(cls)
+        object.__setattr__(out, "values", values)
+        object.__setattr__(out, "factor", factor)
+        object.__setattr__(out, "treedef", None)
+        return out
+
+    def matches(self, treedef: Any, n: int) -> bool:
+        """Whether the values fit a parameter tree of structure `treedef` with `n` leaves: the same
+        structure, or a flat list or tuple of `n` values (or a derived PerLeaf of length `n`)."""
+        if len(self.values) != n:
+            return False
+        if self.treedef is None or self.treedef == treedef:
+            return True
+        return self.treedef.num_nodes == n + 1 and self.treedef.kind in (optree.PyTreeKind.LIST, optree.PyTreeKind.TUPLE)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("PerLeaf is immutable")
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def leaf_values(self) -> list[Any]:
+        """The value of every leaf (`values[i] * factor`)."""
+        if _is_one(self.factor):
+            return list(self.values)
+        return [v * self.factor for v in self.values]
+
+    def take(self, index: Sequence[int]) -> PerLeaf:
+        """The values of the leaves at `index` (a dtype group of a leaf list)."""
+        return PerLeaf._make(tuple(self.values[i] for i in index), self.factor)
+
+    def map_values(self, fn: Any) -> PerLeaf:
+        return PerLeaf._make(tuple(fn(v) for v in self.leaf_values()))
+
+    def _combine(self, other: Any, op: Any) -> PerLeaf:
+        if isinstance(other, PerLeaf):
+            if len(other) != len(self):
+                raise ValueError(f"PerLeaf values of different lengths: {len(self)} and {len(other)}.")
+            pairs = zip(self.leaf_values(), other.leaf_values())
+            return PerLeaf._make(tuple(op(a, b) for a, b in pairs))
+        return self.map_values(lambda v: op(v, other))
+
+    def __mul__(self, other: Any) -> PerLeaf:
+        if isinstance(other, PerLeaf):
+            return self._combine(other, operator.mul)
+        return PerLeaf._make(self.values, other if _is_one(self.factor) else self.factor * other)
+
+    def __rmul__(self, other: Any) -> PerLeaf:
+        return PerLeaf._make(self.values, other if _is_one(self.factor) else other * self.factor)
+
+    def __truediv__(self, other: Any) -> PerLeaf:
+        if isinstance(other, PerLeaf):
+            return self._combine(other, operator.truediv)
+        return self * (1.0 / other)
+
+    def __rtruediv__(self, other: Any) -> PerLeaf:
+        return self.map_values(lambda v: other / v)
+
+    def __add__(self, other: Any) -> PerLeaf:
+        return self._combine(other, operator.add)
+
+    def __radd__(self, other: Any) -> PerLeaf:
+        return self.map_values(lambda v: other + v)
+
+    def __sub__(self, other: Any) -> PerLeaf:
+        return self._combine(other, operator.sub)
+
+    def __rsub__(self, other: Any) -> PerLeaf:
+        return self.map_values(lambda v: other - v)
+
+    def __neg__(self) -> PerLeaf:
+        return PerLeaf._make(self.values, -self.factor)
+
+    def _key(self) -> Any:
+        return (self.values, self.factor)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PerLeaf):
+            return NotImplemented
+        plain = all(isinstance(v, (int, float)) for v in (*self.values, *other.values, self.factor, other.factor))
+        return self is other or (plain and self._key() == other._key())
+
+    def __hash__(self) -> int:
+        try:
+            return hash(self._key())
+        except TypeError:
+            return id(self)
+
+    def __repr__(self) -> str:
+        if _is_one(self.factor):
+            return f"PerLeaf({list(self.values)!r})"
+        return f"PerLeaf({list(self.values)!r}, factor={self.factor!r})"
+
+
+def per_leaf(s: Any, n: int) -> Any:
+    """An iterable of the scalar each of `n` leaves gets from `s` (a PerLeaf or one scalar)."""
+    if isinstance(s, PerLeaf):
+        return s.leaf_values()
+    return itertools.repeat(s, n)
+
+
 class ArrayOps:
     """Leaf-list arithmetic through one Array API namespace `xp`.
 
-    Scalars may be Python numbers or 0-d arrays. A 0-d array scalar is cast to each leaf's
+    Scalars may be Python numbers, 0-d arrays, or `PerLeaf` (one of those per leaf; the
+    elementwise operations take them, reductions stay global). A 0-d array scalar is cast to each leaf's
     dtype before it multiplies the leaf, so a float32 tree stays float32 even when a norm was
     accumulated in float64, and bf16/fp16 trees stay in their dtype. Reductions (`vdot`,
     `norm`) accumulate in float32 at least (float64 if any leaf is float64), so a half
@@ -109,15 +251,16 @@ class ArrayOps:
         return [a - b for a, b in zip(x, y)]
 
     def scale(self, s: Scalar, x: Leaves) -> Leaves:
-        return [self._cast(s, a) * a for a in x]
+        return [self._cast(c, a) * a for c, a in zip(per_leaf(s, len(x)), x)]
 
     def axpy(self, s: Scalar, x: Leaves, y: Leaves) -> Leaves:
         """`s * x + y`."""
-        return [self._cast(s, a) * a + b for a, b in zip(x, y)]
+        return [self._cast(c, a) * a + b for c, a, b in zip(per_leaf(s, len(x)), x, y)]
 
     def lincomb(self, a: Scalar, x: Leaves, b: Scalar, y: Leaves) -> Leaves:
         """`a * x + b * y`."""
-        return [self._cast(a, u) * u + self._cast(b, v) * v for u, v in zip(x, y)]
+        n = len(x)
+        return [self._cast(c, u) * u + self._cast(d, v) * v for c, u, d, v in zip(per_leaf(a, n), x, per_leaf(b, n), y)]
 
     def mul(self, x: Leaves, y: Leaves) -> Leaves:
         return [a * b for a, b in zip(x, y)]
@@ -129,7 +272,7 @@ class ArrayOps:
         return [self.xp.sign(a) for a in x]
 
     def add_scalar(self, x: Leaves, s: Scalar) -> Leaves:
-        return [a + self._cast(s, a) for a in x]
+        return [a + self._cast(c, a) for c, a in zip(per_leaf(s, len(x)), x)]
 
     # -- reductions (0-d results in the accumulation dtype) -------------------------------
     def vdot(self, x: Leaves, y: Leaves) -> Any:

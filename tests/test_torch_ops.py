@@ -18,7 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import gradnorm  # noqa: E402
-from gradnorm import ArrayOps  # noqa: E402
+from gradnorm import ArrayOps, PerLeaf  # noqa: E402
 from gradnorm.torch import TorchForeachOps  # noqa: E402
 from gradnorm.torch import _ops  # noqa: E402
 
@@ -43,6 +43,10 @@ SCALARS = {
     "tensor64": lambda: torch.tensor(0.37, dtype=torch.float64),
     "tensor32": lambda: torch.tensor(-1.3, dtype=torch.float32),
     "tensor-bf16": lambda: torch.tensor(0.61, dtype=torch.bfloat16),
+    # one value per leaf (parameter groups with their own hyperparameter values)
+    "per-leaf": lambda: PerLeaf([0.37, -1.75, 2.0, 0.0, 1.5]),
+    "per-leaf-tensor-factor": lambda: PerLeaf([0.37, -1.75, 2.0, 0.0, 1.5]) / torch.tensor(3.0, dtype=torch.float64),
+    "per-leaf-tensors": lambda: PerLeaf([torch.tensor(v, dtype=torch.float32) for v in (0.5, -1.0, 2.0, 0.25, 1.0)]),
 }
 
 
@@ -80,6 +84,8 @@ def magnitude(*things):
             m = max([m] + [float(a.abs().max()) for a in t if a.numel()])
         elif isinstance(t, torch.Tensor):
             m = max(m, abs(float(t)))
+        elif isinstance(t, PerLeaf):
+            m = max([m] + [abs(float(v)) for v in t.leaf_values()])
         else:
             m = max(m, abs(float(t)))
     return m

@@ -137,12 +137,18 @@ def integer(lo: int = 0) -> Callable[[str, str, Any], Any]:
 
 @dataclass(frozen=True)
 class Hyperparameter:
-    """One hyperparameter of a rule: its name, validator, default and meaning."""
+    """One hyperparameter of a rule: its name, validator, default and meaning.
+
+    `leafwise`: the rule's math uses the value only as a coefficient of leafwise operations, so
+    it may differ between parameters: a `gradnorm.PerLeaf` value (one per leaf, for example
+    one per PyTorch parameter group) is accepted and each of its values is validated.
+    """
 
     name: str
     check: Callable[[str, str, Any], Any]
     default: Any = REQUIRED
     doc: str = ""
+    leafwise: bool = False
 
     @property
     def required(self) -> bool:
@@ -225,7 +231,7 @@ class Rule:
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and all(
-            a is b or (isinstance(a, (int, float, str, bool)) and a == b)
+            a is b or (isinstance(a, (int, float, str, bool, _tree.PerLeaf)) and a == b)
             for a, b in zip(self.config.values(), other.config.values())  # type: ignore[attr-defined]
         )
 
@@ -294,6 +300,13 @@ class Rule:
                 f"to gradnorm.step (or use an adapter, which computes them by autodiff). "
                 f"Rule 'fd_gr' approximates the same update with gradients only."
             )
+        for key, value in self._values.items():  # type: ignore[attr-defined]
+            if isinstance(value, _tree.PerLeaf) and not value.matches(treedef, len(leaves)):
+                raise HyperparameterError(
+                    f"`{key}` of rule '{self.name}' is a PerLeaf with {len(value)} values"
+                    + (f" of structure {value.treedef}" if value.treedef is not None else "")
+                    + f"; `params` has {len(leaves)} leaves of structure {treedef}. Give one value per leaf."
+                )
         ops = ops if ops is not None else _tree.ArrayOps(xp)
         flat = FlatOracle(oracle, treedef, leaves, xp, check=check)
         if (loss is None) != (grads is None):
@@ -348,7 +361,9 @@ def validate_hyperparameters(cls: type[Rule], given: dict[str, Any]) -> dict[str
         )
     values: dict[str, Any] = {}
     for h in spec:
-        if h.name in given:
+        if h.name in given and isinstance(given[h.name], _tree.PerLeaf):
+            values[h.name] = _check_per_leaf(cls, h, given[h.name])
+        elif h.name in given:
             values[h.name] = h.check(cls.name, h.name, given[h.name])
         elif h.required:
             raise HyperparameterError(
@@ -358,6 +373,28 @@ def validate_hyperparameters(cls: type[Rule], given: dict[str, Any]) -> dict[str
         else:
             values[h.name] = h.default
     return values
+
+
+def _check_per_leaf(cls: type[Rule], h: Hyperparameter, value: _tree.PerLeaf) -> Any:
+    """Each value validated; equal Python numbers collapse to one (the scalar path, bit for bit)."""
+    if not h.leafwise:
+        leafwise = [x.name for x in cls.spec() if x.leafwise]
+        raise HyperparameterError(
+            f"`{h.name}` of rule '{cls.name}' takes one value for all parameters, not a PerLeaf. "
+            + (f"Per-leaf values are accepted for: {', '.join(leafwise)}." if leafwise else "The rule has no per-leaf hyperparameters.")
+            + f" Received: {value!r}."
+        )
+    checked = []
+    for i, v in enumerate(value.leaf_values()):
+        try:
+            checked.append(h.check(cls.name, h.name, v))
+        except HyperparameterError as err:
+            raise HyperparameterError(f"In the value for leaf {i} of a PerLeaf: {err}") from None
+    if all(isinstance(v, float) for v in checked) and len(set(checked)) == 1:
+        return checked[0]
+    out = _tree.PerLeaf._make(tuple(checked))
+    object.__setattr__(out, "treedef", value.treedef)
+    return out
 
 
 def describe_spec(cls: type[Rule]) -> str:

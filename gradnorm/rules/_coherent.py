@@ -57,7 +57,7 @@ class Coherent(Rule):
     name = "coherent"
     state_type = CoherentState
     hyperparameters = (
-        Hyperparameter("lam", real(0.0), doc="the regularization strength lambda"),
+        Hyperparameter("lam", real(0.0), doc="the regularization strength lambda", leafwise=True),
         Hyperparameter("penalty", choice("l2", "l1"), "l2", "R = ||theta||^2 / 2 or ||theta||_1"),
         Hyperparameter("threshold", real(-1.0, hi=1.0), doc="minimum cosine between g and g + lam grad R"),
         Hyperparameter("delay", integer(0), 0, "steps without regularization at the start"),

@@ -41,7 +41,7 @@ class FDGR(Rule):
 
     name = "fd_gr"
     hyperparameters = (
-        Hyperparameter("gamma", real(0.0), doc="the penalty strength of (gamma/2)||g||^2"),
+        Hyperparameter("gamma", real(0.0), doc="the penalty strength of (gamma/2)||g||^2", leafwise=True),
         Hyperparameter("eps", real(0.0, lo_open=True), doc="the finite-difference step along g"),
         Hyperparameter("difference", choice("forward", "backward", "central"), "forward", "which finite difference"),
         Hyperparameter("normalize", flag(), False, "divide the step by ||g|| + norm_eps"),

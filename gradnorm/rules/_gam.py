@@ -47,11 +47,11 @@ class GAM(Rule):
 
     name = "gam"
     hyperparameters = (
-        Hyperparameter("grad_rho", real(0.0), 0.02, "radius of the SAM-like ascent steps (rho' in the paper)"),
-        Hyperparameter("grad_norm_rho", real(0.0), 0.2, "radius of the gradient-norm ascent step (rho)"),
+        Hyperparameter("grad_rho", real(0.0), 0.02, "radius of the SAM-like ascent steps (rho' in the paper)", leafwise=True),
+        Hyperparameter("grad_norm_rho", real(0.0), 0.2, "radius of the gradient-norm ascent step (rho)", leafwise=True),
         Hyperparameter("grad_beta_0", real(0.0, hi=1.0), 0.5, "weight of g0 against g2 in h- (beta)"),
         Hyperparameter("grad_beta_1", real(0.0, hi=1.0), 0.6, "weight of g1 against g3 in h+ (alpha)"),
-        Hyperparameter("grad_gamma", real(0.0), 0.03, "strength of the orthogonal correction (gamma)"),
+        Hyperparameter("grad_gamma", real(0.0), 0.03, "strength of the orthogonal correction (gamma)", leafwise=True),
         Hyperparameter("adaptive", flag(), False, "ASAM-style perturbations scaled by theta^2"),
         Hyperparameter("variant", choice("code", "paper"), "code", "h- as in the released code or the paper"),
     )

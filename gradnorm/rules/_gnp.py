@@ -35,8 +35,8 @@ class GNP(Rule):
 
     name = "gnp"
     hyperparameters = (
-        Hyperparameter("r", real(0.0), doc="the perturbation radius; 0.1 (CIFAR) or 0.05 (ImageNet) in the paper"),
-        Hyperparameter("alpha", real(0.0), doc="the mixing weight lambda / r; 0.8 in the paper's recipes"),
+        Hyperparameter("r", real(0.0), doc="the perturbation radius; 0.1 (CIFAR) or 0.05 (ImageNet) in the paper", leafwise=True),
+        Hyperparameter("alpha", real(0.0), doc="the mixing weight lambda / r; 0.8 in the paper's recipes", leafwise=True),
         Hyperparameter(
             "mix_unit_gradient", flag(), False, "mix g/||g|| instead of g, as the official code's default does"
         ),

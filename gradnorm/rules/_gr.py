@@ -36,7 +36,7 @@ class GR(Rule):
     name = "gr"
     needs_hvp = True
     hyperparameters = (
-        Hyperparameter("gamma", real(0.0), doc="the penalty strength"),
+        Hyperparameter("gamma", real(0.0), doc="the penalty strength", leafwise=True),
         Hyperparameter("penalty", choice("squared", "norm"), "squared", "(gamma/2)||g||^2 or gamma ||g||"),
     )
 

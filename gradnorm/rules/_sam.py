@@ -46,9 +46,9 @@ class SAM(Rule):
 
     name = "sam"
     hyperparameters = (
-        Hyperparameter("rho", real(0.0), doc="the perturbation radius; 0.05 in the SAM paper"),
+        Hyperparameter("rho", real(0.0), doc="the perturbation radius; 0.05 in the SAM paper", leafwise=True),
         Hyperparameter("adaptive", flag(), False, "ASAM: scale the perturbation by |theta| + eta"),
-        Hyperparameter("eta", real(0.0), 0.0, "ASAM's offset in T = |theta| + eta"),
+        Hyperparameter("eta", real(0.0), 0.0, "ASAM's offset in T = |theta| + eta", leafwise=True),
     )
 
     @property

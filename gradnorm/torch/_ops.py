@@ -32,12 +32,12 @@ from typing import Any
 import array_api_compat
 import torch
 
-from .._tree import ArrayOps
+from .._tree import ArrayOps, PerLeaf
 
 __all__ = ["TorchForeachOps"]
 
 Leaves = list[torch.Tensor]
-Scalar = Any  # a Python number or a 0-d tensor
+Scalar = Any  # a Python number, a 0-d tensor, or a PerLeaf of those
 
 
 # --------------------------------------------------------------------------------------
@@ -72,7 +72,13 @@ _sumsq: Callable[[Sequence[torch.Tensor], torch.dtype], Sequence[torch.Tensor]] 
 
 def _like(s: Scalar, leaf: torch.Tensor) -> Scalar:
     """`s` as `ArrayOps._cast` makes it: a Python number as is, a tensor in `leaf`'s dtype
-    (and on its device: a CPU scalar is copied over without blocking)."""
+    (and on its device: a CPU scalar is copied over without blocking); a PerLeaf with its
+    factor so, and its values all Python numbers or all tensors so."""
+    if isinstance(s, PerLeaf):
+        values = s.values
+        if any(isinstance(v, torch.Tensor) for v in values):
+            values = tuple(_like(torch.as_tensor(v) if not isinstance(v, torch.Tensor) else v, leaf) for v in values)
+        return PerLeaf._make(values, _like(s.factor, leaf))
     if not isinstance(s, torch.Tensor):
         return s
     if s.dtype is not leaf.dtype:
@@ -82,15 +88,38 @@ def _like(s: Scalar, leaf: torch.Tensor) -> Scalar:
     return s
 
 
+def _scaled(x: Leaves, s: Scalar) -> Sequence[torch.Tensor]:
+    """`s * x`, fresh; a PerLeaf is one multiplication by its values and one by its factor."""
+    if not isinstance(s, PerLeaf):
+        return torch._foreach_mul(x, s)
+    out = torch._foreach_mul(x, list(s.values))  # a ScalarList, or 0-d tensors broadcast per leaf
+    if not (isinstance(s.factor, (int, float)) and s.factor == 1):
+        torch._foreach_mul_(out, s.factor)
+    return out
+
+
+def _add_scalar(x: Leaves, s: Scalar) -> Sequence[torch.Tensor]:
+    if not isinstance(s, PerLeaf):
+        return torch._foreach_add(x, s)
+    values = s.leaf_values()
+    if isinstance(values[0], torch.Tensor):
+        return [a + v for a, v in zip(x, values)]
+    return torch._foreach_add(x, values)
+
+
 def _axpy(x: Leaves, y: Leaves, s: Scalar) -> Sequence[torch.Tensor]:
-    if isinstance(s, torch.Tensor):
-        out = torch._foreach_mul(x, s)
+    if isinstance(s, (torch.Tensor, PerLeaf)):
+        out = _scaled(x, s)
         torch._foreach_add_(out, y)
         return out
     return torch._foreach_add(y, x, alpha=s)
 
 
 def _lincomb(x: Leaves, y: Leaves, a: Scalar, b: Scalar) -> Sequence[torch.Tensor]:
+    if isinstance(a, PerLeaf) or isinstance(b, PerLeaf):
+        out = _scaled(x, a)
+        torch._foreach_add_(out, _scaled(y, b))
+        return out
     a_tensor, b_tensor = isinstance(a, torch.Tensor), isinstance(b, torch.Tensor)
     if b_tensor and not a_tensor:  # b * y first, then a number: two kernels instead of three
         out = torch._foreach_mul(y, b)
@@ -184,7 +213,8 @@ class TorchForeachOps(ArrayOps):
         for idx in groups:
             parts = [[leaves[i] for i in idx] for leaves in lists]
             first = parts[0][0]
-            for i, result in zip(idx, fn(*parts, *[_like(s, first) for s in scalars])):
+            group_scalars = [_like(s.take(idx) if isinstance(s, PerLeaf) else s, first) for s in scalars]
+            for i, result in zip(idx, fn(*parts, *group_scalars)):
                 out[i] = result
         return out
 
@@ -214,7 +244,7 @@ class TorchForeachOps(ArrayOps):
         return self._map(torch._foreach_sub, (x, y))
 
     def scale(self, s: Scalar, x: Leaves) -> Leaves:
-        return self._map(torch._foreach_mul, (x,), (s,))
+        return self._map(_scaled, (x,), (s,))
 
     def axpy(self, s: Scalar, x: Leaves, y: Leaves) -> Leaves:
         """`s * x + y`."""
@@ -234,7 +264,7 @@ class TorchForeachOps(ArrayOps):
         return self._map(_sign, (x,))
 
     def add_scalar(self, x: Leaves, s: Scalar) -> Leaves:
-        return self._map(torch._foreach_add, (x,), (s,))
+        return self._map(_add_scalar, (x,), (s,))
 
     # -- reductions (0-d results in the accumulation dtype) -------------------------------
     def vdot(self, x: Leaves, y: Leaves) -> Any:

@@ -12,6 +12,7 @@ import torch
 
 from .. import rules as _rules
 from .._errors import GradnormError, HyperparameterError, describe
+from .._tree import PerLeaf
 from ._ops import TorchForeachOps
 
 __all__ = ["Optimizer", "ClosureError"]
@@ -243,14 +244,70 @@ class Optimizer(torch.optim.Optimizer):
             raise TypeError(
                 f"`base` must be a torch.optim.Optimizer class (such as torch.optim.SGD) or instance. Received: {describe(base)}."
             )
-        super().__init__(self.base.param_groups, dict(self.base.defaults))
+        spec = type(self.rule).spec()
+        # A name the base optimizer uses too (GNP's `alpha` and RMSprop's) belongs to the base in
+        # the groups; the rule's value is then the one given here, for every group.
+        self._leafwise = tuple(h.name for h in spec if h.leafwise and h.name not in self.base.defaults)
+        self._checks = {h.name: h.check for h in spec if h.name not in self.base.defaults}
+        for name, value in self.rule.config.items():
+            if isinstance(value, PerLeaf):
+                raise HyperparameterError(
+                    f"`{name}` of gradnorm.torch.Optimizer must be one value; give per-parameter values through "
+                    f"parameter groups (`{{'params': ..., '{name}': ...}}`). Received: {value!r}."
+                )
+        self._group_rule: tuple[Any, _rules.Rule] | None = None
+        # Every group carries the rule's per-group hyperparameters, as it carries `lr`.
+        defaults = {**self.base.defaults, **{name: self.rule.config[name] for name in self._leafwise}}
+        super().__init__(self.base.param_groups, defaults)
         # Share the base optimizer's group dicts and state: LR schedulers and anything else that
         # edits `param_groups` act on the optimizer that applies the update.
         self.param_groups = self.base.param_groups
         self.state = self.base.state
         self.rule_state: Any = None
+        self._rule_for_step(self._params())  # validates the groups' values now
         self.last_info: dict[str, Any] = {}
         self._ops = TorchForeachOps()
+
+    # -- parameter groups -------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (to the base optimizer too: they share `param_groups`). It may carry its
+        own values of the rule's per-group hyperparameters; the others must not differ."""
+        for name in param_group:
+            if name in self._checks and name not in self._leafwise and not _same(param_group[name], self.rule.config[name]):
+                raise HyperparameterError(
+                    f"`{name}` of rule '{self.rule.name}' cannot differ between parameter groups: a group has "
+                    f"{param_group[name]!r}, the optimizer {self.rule.config[name]!r}. Per-group values are accepted for: "
+                    f"{', '.join(self._leafwise) or 'none of its hyperparameters'}."
+                )
+        super().add_param_group(param_group)
+
+    def _rule_for_step(self, params: list[torch.Tensor]) -> _rules.Rule:
+        """The rule with the groups' current per-group values (a scheduler may have changed them):
+        one value where all groups agree, else a `PerLeaf` over `params`. Cached while unchanged."""
+        if not self._leafwise:
+            return self.rule
+        key = [(len(params),)] + [tuple(group[n] for n in self._leafwise) for group in self.param_groups]
+        cached = self._group_rule
+        if cached is not None and len(cached[0]) == len(key) and all(
+            all(_same(a, b) for a, b in zip(old, new)) for old, new in zip(cached[0], key)
+        ):
+            return cached[1]
+        changes: dict[str, Any] = {}
+        for name in self._leafwise:
+            per_group = []
+            for i, group in enumerate(self.param_groups):
+                try:
+                    value = self._checks[name](self.rule.name, name, group[name])
+                except HyperparameterError as err:
+                    raise HyperparameterError(f"In param_groups[{i}]: {err}") from None
+                per_group.append((value, sum(1 for p in group["params"] if p.requires_grad)))
+            if all(_same(v, per_group[0][0]) for v, _ in per_group):
+                changes[name] = per_group[0][0]
+            else:
+                changes[name] = PerLeaf([v for v, count in per_group for _ in range(count)])
+        rule = self.rule.replace(**changes)
+        self._group_rule = (key, rule)
+        return rule
 
     # -- the step ---------------------------------------------------------------------------
     def _params(self) -> list[torch.Tensor]:
@@ -274,14 +331,15 @@ class Optimizer(torch.optim.Optimizer):
                 "`step` needs `closure` (it computes the loss and gradients itself, as torch.optim.LBFGS does), or "
                 "`loss=` with the gradients already in `.grad`."
             )
+        rule = self._rule_for_step(params)
         if self.rule_state is None:
-            self.rule_state = self.rule.init(params)
+            self.rule_state = rule.init(params)
         ddp = self.perturbation if _is_distributed(self.model) else None
-        oracle = _ClosureOracle(params, closure, self.rule.needs_hvp, self.model, self.same_randomness, ddp, self.grad_scaler)
+        oracle = _ClosureOracle(params, closure, rule.needs_hvp, self.model, self.same_randomness, ddp, self.grad_scaler)
         # Rules evaluate the closure at points computed from the weights, and the oracle writes
         # those points into the live parameters: the rule must see a snapshot, which is also the
         # exact copy the weights are restored from (the one parameter-sized buffer of the floor).
-        backup = self._snapshot(params) if self.rule.grad_evals > 1 else None
+        backup = self._snapshot(params) if rule.grad_evals > 1 else None
         point = backup if backup is not None else params
         try:
             if loss is None:
@@ -289,7 +347,7 @@ class Optimizer(torch.optim.Optimizer):
             else:
                 first_loss = loss.detach()
                 grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
-            direction, state, info = self.rule.update(
+            direction, state, info = rule.update(
                 point, self.rule_state, oracle, loss=first_loss, grads=grads, ops=self._ops, check=False
             )
         finally:
@@ -363,6 +421,11 @@ class Optimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"gradnorm.torch.Optimizer({self.rule!r}, base={self.base!r})"
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal hyperparameter values, without reading a tensor (identity for tensors)."""
+    return a is b or (isinstance(a, (int, float, str, bool)) and isinstance(b, (int, float, str, bool)) and a == b)
 
 
 def _is_distributed(model: torch.nn.Module | None) -> bool:
