@@ -80,8 +80,10 @@ class FlatOracle:
             construction may turn it off).
     """
 
-    def __init__(self, oracle: Oracle, treedef: Any, reference: list[Any], xp: Any, *, check: bool = True):
+    def __init__(self, oracle: Oracle, treedef: Any, reference: list[Any], xp: Any, *, check: bool = True,
+                 ops: Any = None):
         self.oracle = oracle
+        self.ops = ops if ops is not None else _tree.ArrayOps(xp)
         self.treedef = treedef
         self.reference = reference
         self.xp = xp
@@ -103,6 +105,23 @@ class FlatOracle:
         loss, grads = out
         loss = self._check_loss(loss)
         return loss, self._check_tree(grads, "grads", "`grad_fn`")
+
+    def value_and_grad_along(self, base: list[Any], step: Any, v: list[Any]) -> tuple[Any, list[Any]]:
+        """Loss and gradient at `base + step * v` (`step` a scalar or a `PerLeaf`).
+
+        Rules ask for their evaluation points this way, so that an oracle which evaluates by
+        writing the point into live weights (`gradnorm.torch.Optimizer`) can form it there in
+        place, without a parameter-sized temporary: it implements
+        `value_and_grad_along(base, step, v)` on trees. Otherwise the point is computed with
+        `ops.axpy` and passed to `value_and_grad`.
+        """
+        along = getattr(self.oracle, "value_and_grad_along", None)
+        if along is None:
+            return self.value_and_grad(self.ops.axpy(step, v, base))
+        self.grad_evals += 1
+        out = along(_tree.unflatten(self.treedef, base), step, _tree.unflatten(self.treedef, v))
+        loss, grads = out
+        return self._check_loss(loss), self._check_tree(grads, "grads", "`grad_fn`")
 
     def hvp(self, leaves: list[Any], v: list[Any]) -> list[Any]:
         self.hvp_evals += 1

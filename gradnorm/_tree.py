@@ -305,6 +305,16 @@ class ArrayOps:
             total += array_api_compat.size(a) or 0
         return xp.astype(below, self._acc_dtype(x)) / max(total, 1)
 
+    def all_finite(self, x: Leaves) -> Any:
+        """Whether every entry of every leaf is finite (a 0-d boolean array). Unlike a norm,
+        it cannot overflow."""
+        xp = self.xp
+        out = None
+        for a in x:
+            part = xp.all(xp.isfinite(a))
+            out = part if out is None else xp.logical_and(out, part)
+        return out if out is not None else xp.asarray(True)
+
     def isfinite(self, s: Any) -> Any:
         return self.xp.isfinite(s)
 

@@ -553,3 +553,37 @@ def test_custom_norm_eps(case, norm_eps):
     for key in ("coherence", "cosine", "step_size", "perturbed_loss"):
         if key in exp.info:
             np.testing.assert_allclose(float(res.info[key]), exp.info[key], rtol=1e-10, err_msg=key)
+
+
+def test_norms_off_skips_the_reductions_the_rule_does_not_need():
+    """`update(..., norms=False)`: no `update_norm`; `grad_norm` only where the rule reads it;
+    `finite` still sees a non-finite direction whose norm was never taken."""
+    import numpy as np
+
+    import gradnorm
+
+    params = {"w": np.array([1.0, -2.0]), "b": np.array([0.5])}
+
+    def grad_fn(p):
+        return 0.5 * float(np.sum(p["w"] ** 2) + np.sum(p["b"] ** 2)), {"w": p["w"].copy(), "b": p["b"].copy()}
+
+    oracle = gradnorm.FunctionOracle(grad_fn)
+    for name, hyper, has_grad_norm in [("sgd", {}, False), ("sam", {"rho": 0.1}, True), ("flooding", {"b": 0.0}, False),
+                                       ("fd_gr", {"gamma": 0.1, "eps": 0.01}, False), ("gnp", {"r": 0.1, "alpha": 0.5}, True)]:
+        rule = gradnorm.rules.get(name, **hyper)
+        d_on, _, on = rule.update(params, rule.init(params), oracle)
+        d_off, _, off = rule.update(params, rule.init(params), oracle, norms=False)
+        assert "update_norm" in on and "update_norm" not in off
+        assert ("grad_norm" in off) == has_grad_norm == rule.uses_grad_norm
+        assert bool(off["finite"]) and bool(on["finite"])
+        for k in params:
+            np.testing.assert_array_equal(d_on[k], d_off[k])
+
+    def bad_grad_fn(p):
+        loss, g = grad_fn(p)
+        g["b"][0] = np.inf
+        return loss, g
+
+    sgd = gradnorm.rules.get("sgd")
+    _, _, info = sgd.update(params, sgd.init(params), gradnorm.FunctionOracle(bad_grad_fn), norms=False)
+    assert not bool(info["finite"])

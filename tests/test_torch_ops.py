@@ -502,3 +502,39 @@ def test_rules_in_float32_and_without_host_reads(rule, hyper, monkeypatch):
     assert_trees_close(d_fast, d_ref, rtol=2e-5, atol=2e-6)
     assert all(d.dtype == torch.float32 for d in d_fast.values())
     assert i_fast["grad_norm"].dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# the in-place axpy the optimizer forms evaluation points with, and the fused finiteness check
+
+
+@pytest.mark.parametrize("scalar", list(SCALARS))
+@pytest.mark.parametrize("dtypes", ["float64", "float32", "mixed"])
+def test_inplace_axpy_matches_axpy(dtypes, scalar):
+    dts = DTYPE_SETS[dtypes]
+    x, y = make_leaves(dts, 0), make_leaves(dts, 1)
+    s = scalar_of(scalar)
+    fast, ref = ops_pair()
+    want = ref.axpy(s, x, y)
+    target = [t.clone() for t in y]
+    x_before = snapshot(x)
+    assert fast.axpy_(s, x, target) is None
+    assert_unchanged(x_before, [x])
+    assert_leaves_close(target, want, magnitude(x, y) * (1 + magnitude(s)))
+
+
+@pytest.mark.parametrize("dtypes", list(DTYPE_SETS))
+def test_all_finite_matches_array_ops_and_leaves_values_unchanged(dtypes):
+    dts = DTYPE_SETS[dtypes]
+    fast, ref = ops_pair()
+    for bad in (None, float("nan"), float("inf"), -float("inf")):
+        x = make_leaves(dts, 2)
+        if bad is not None:
+            x[3][0, 0, 1] = bad
+        before = snapshot(x)
+        got, want = fast.all_finite(x), ref.all_finite(x)
+        assert got.dtype == torch.bool and got.shape == () and bool(got) == bool(want) == (bad is None)
+        assert_unchanged(before, [x])
+    needs_grad = [t.clone().requires_grad_(True) for t in make_leaves([torch.float32] * 5, 3)]
+    assert bool(fast.all_finite(needs_grad))  # the per-leaf path: such tensors must not be written
+    assert bool(fast.all_finite([])) and bool(ref.all_finite([]))

@@ -374,3 +374,46 @@ def test_grad_scaler_directions_equal_the_unscaled_ones():
         ref.step(make_closure(ref, twin, x, y))
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_nonfinite_direction_with_a_finite_loss_skips_the_step():
+    """The loss is finite at every pass, but the perturbed gradient overflows: the fused inf/nan
+    check of the direction (not the loss) must catch it."""
+    model, x, y = make_problem()
+    opt = Optimizer(model.parameters(), torch.optim.SGD, rule="sam", rho=0.05, lr=0.1, momentum=0.9)
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        opt.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        if calls[0] == 2:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.isfinite(loss) and not bool(opt.last_info["finite"])
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
+    assert not opt.base.state
+
+
+@pytest.mark.parametrize("rule,hyper", [("sgd", {}), ("sam", {"rho": 0.05}), ("fd_gr", {"gamma": 0.05, "eps": 0.01})])
+def test_info_norms_on_request(rule, hyper):
+    model, x, y = make_problem()
+    opt = Optimizer(model.parameters(), torch.optim.SGD, rule=rule, lr=0.0, info_norms=True, **hyper)
+    closure = make_closure(opt, model, x, y)
+    opt.step(closure)
+    direction = [p.grad.detach().clone() for p in model.parameters()]
+    closure()
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    norm = lambda ts: torch.sqrt(sum((t.double() ** 2).sum() for t in ts))  # noqa: E731
+    torch.testing.assert_close(opt.last_info["update_norm"].double(), norm(direction), rtol=1e-12, atol=0)
+    torch.testing.assert_close(opt.last_info["grad_norm"].double(), norm(grads), rtol=1e-12, atol=0)
+    quiet = Optimizer(model.parameters(), torch.optim.SGD, rule=rule, lr=0.0, **hyper)
+    quiet.step(make_closure(quiet, model, x, y))
+    assert "update_norm" not in quiet.last_info
+    assert ("grad_norm" in quiet.last_info) == (rule == "sam")  # reported when the rule needs it anyway
+    assert bool(quiet.last_info["finite"])

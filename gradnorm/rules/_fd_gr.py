@@ -53,19 +53,23 @@ class FDGR(Rule):
             return 1
         return 3 if self.difference == "central" else 2
 
+    @property
+    def uses_grad_norm(self) -> bool:
+        return self.normalize
+
     def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
         if is_static_zero(self.gamma):
             return grads, state, {"step_size": self.eps}
         step = self.eps / (grad_norm + self.norm_eps) if self.normalize else self.eps
         info = {"step_size": step}
         if self.difference == "forward":
-            info["ascent_loss"], g_plus = oracle.value_and_grad(ops.axpy(step, grads, params))
+            info["ascent_loss"], g_plus = oracle.value_and_grad_along(params, step, grads)
             difference, denominator = ops.sub(g_plus, grads), step
         elif self.difference == "backward":
-            info["descent_loss"], g_minus = oracle.value_and_grad(ops.axpy(-step, grads, params))
+            info["descent_loss"], g_minus = oracle.value_and_grad_along(params, -step, grads)
             difference, denominator = ops.sub(grads, g_minus), step
         else:
-            info["ascent_loss"], g_plus = oracle.value_and_grad(ops.axpy(step, grads, params))
-            info["descent_loss"], g_minus = oracle.value_and_grad(ops.axpy(-step, grads, params))
+            info["ascent_loss"], g_plus = oracle.value_and_grad_along(params, step, grads)
+            info["descent_loss"], g_minus = oracle.value_and_grad_along(params, -step, grads)
             difference, denominator = ops.sub(g_plus, g_minus), 2.0 * step
         return ops.axpy(self.gamma / denominator, difference, grads), state, info

@@ -33,6 +33,7 @@ class Flooding(Rule):
     """
 
     name = "flooding"
+    uses_grad_norm = False
     hyperparameters = (Hyperparameter("b", real(), doc="the flood level, a loss value (the paper picks it from 0.00 to 0.10 for benchmarks)"),)
 
     def _update(self, params, grads, loss, grad_norm, state, oracle, ops):

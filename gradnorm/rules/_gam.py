@@ -63,12 +63,16 @@ class GAM(Rule):
     def grad_evals(self) -> int:
         return 1 if self._identity() else 4
 
-    def _point(self, base: list[Any], v: list[Any], radius: Any, ops) -> list[Any]:
+    @property
+    def uses_grad_norm(self) -> bool:
+        return not self.adaptive
+
+    def _along(self, base: list[Any], v: list[Any], radius: Any, ops) -> tuple[Any, list[Any]]:
+        r"""`(step, u)` with $P(\theta, v, r) = \theta + \text{step}\cdot u$."""
         if self.adaptive:
             w = ops.abs(base)
-            scale = radius / (ops.norm(ops.mul(w, v)) + self.norm_eps)
-            return ops.axpy(scale, ops.mul(ops.mul(base, base), v), base)
-        return ops.axpy(radius / (ops.norm(v) + self.norm_eps), v, base)
+            return radius / (ops.norm(ops.mul(w, v)) + self.norm_eps), ops.mul(ops.mul(base, base), v)
+        return radius / (ops.norm(v) + self.norm_eps), v
 
     def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
         if self._identity():
@@ -76,14 +80,14 @@ class GAM(Rule):
         eps = self.norm_eps
         g0 = grads
         if self.adaptive:
-            x1 = self._point(params, g0, self.grad_rho, ops)
+            step1, u1 = self._along(params, g0, self.grad_rho, ops)
         else:  # reuse the norm already computed
-            x1 = ops.axpy(self.grad_rho / (grad_norm + eps), g0, params)
-        loss1, g1 = oracle.value_and_grad(x1)
-        x2 = self._point(params, ops.sub(g1, g0), self.grad_norm_rho, ops)
+            step1, u1 = self.grad_rho / (grad_norm + eps), g0
+        loss1, g1 = oracle.value_and_grad_along(params, step1, u1)
+        step2, u2 = self._along(params, ops.sub(g1, g0), self.grad_norm_rho, ops)
+        x2 = ops.axpy(step2, u2, params)  # the base of the last point
         loss2, g2 = oracle.value_and_grad(x2)
-        x3 = self._point(x2, g2, self.grad_rho, ops)
-        loss3, g3 = oracle.value_and_grad(x3)
+        loss3, g3 = oracle.value_and_grad_along(x2, *self._along(x2, g2, self.grad_rho, ops))
 
         b0, b1 = self.grad_beta_0, self.grad_beta_1
         h_plus = ops.lincomb(b1, g1, 1.0 - b1, g3)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._base import Hyperparameter, Rule, flag, is_static, is_static_zero, real
-from ._sam import ascent_point
+from ._sam import ascent_step
 
 __all__ = ["GNP"]
 
@@ -52,8 +52,8 @@ class GNP(Rule):
     def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
         if self._identity():
             return grads, state, {"perturbed_loss": loss}
-        point = ascent_point(params, grads, grad_norm, self.r, self.norm_eps, ops)
-        perturbed_loss, perturbed_grads = oracle.value_and_grad(point)
+        step = ascent_step(grad_norm, self.r, self.norm_eps)
+        perturbed_loss, perturbed_grads = oracle.value_and_grad_along(params, step, grads)
         if is_static(self.alpha, 1.0):
             return perturbed_grads, state, {"perturbed_loss": perturbed_loss}
         first = ops.scale(1.0 / (grad_norm + self.norm_eps), grads) if self.mix_unit_gradient else grads

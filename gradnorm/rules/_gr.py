@@ -41,6 +41,10 @@ class GR(Rule):
     )
 
     @property
+    def uses_grad_norm(self) -> bool:
+        return self.penalty == "norm"
+
+    @property
     def hvp_evals(self) -> int:
         return 0 if is_static_zero(self.gamma) else 1
 

@@ -6,13 +6,14 @@ from typing import Any
 
 from ._base import Hyperparameter, Rule, flag, is_static_zero, real
 
-__all__ = ["SAM", "ascent_point"]
+__all__ = ["SAM", "ascent_step"]
 
 
-def ascent_point(params: list[Any], direction: list[Any], direction_norm: Any, radius: Any, norm_eps: float, ops) -> list[Any]:
-    r"""$\theta + r\, v / (\lVert v\rVert + \epsilon)$, shared by SAM and GNP so that
+def ascent_step(direction_norm: Any, radius: Any, norm_eps: float) -> Any:
+    r"""The step $r / (\lVert v\rVert + \epsilon)$ along $v$ to the ascent point
+    $\theta + r\, v / (\lVert v\rVert + \epsilon)$, shared by SAM and GNP so that
     `gnp(alpha=1, r)` and `sam(rho=r)` take bit-identical steps."""
-    return ops.axpy(radius / (direction_norm + norm_eps), direction, params)
+    return radius / (direction_norm + norm_eps)
 
 
 class SAM(Rule):
@@ -55,15 +56,19 @@ class SAM(Rule):
     def grad_evals(self) -> int:
         return 1 if is_static_zero(self.rho) else 2
 
+    @property
+    def uses_grad_norm(self) -> bool:
+        return not self.adaptive  # ASAM normalizes T * g instead
+
     def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
         if is_static_zero(self.rho):
             return grads, state, {"perturbed_loss": loss}
         if self.adaptive:
             t = ops.add_scalar(ops.abs(params), self.eta) if not is_static_zero(self.eta) else ops.abs(params)
             tg = ops.mul(t, grads)
-            scale = self.rho / (ops.norm(tg) + self.norm_eps)
-            point = ops.axpy(scale, ops.mul(t, tg), params)
+            step = ascent_step(ops.norm(tg), self.rho, self.norm_eps)
+            perturbed_loss, perturbed_grads = oracle.value_and_grad_along(params, step, ops.mul(t, tg))
         else:
-            point = ascent_point(params, grads, grad_norm, self.rho, self.norm_eps, ops)
-        perturbed_loss, perturbed_grads = oracle.value_and_grad(point)
+            step = ascent_step(grad_norm, self.rho, self.norm_eps)
+            perturbed_loss, perturbed_grads = oracle.value_and_grad_along(params, step, grads)
         return perturbed_grads, state, {"perturbed_loss": perturbed_loss}

@@ -14,6 +14,7 @@ class SGD(Rule):
     """
 
     name = "sgd"
+    uses_grad_norm = False
 
     def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
         return grads, state, {}

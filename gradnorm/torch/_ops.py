@@ -115,6 +115,20 @@ def _axpy(x: Leaves, y: Leaves, s: Scalar) -> Sequence[torch.Tensor]:
     return torch._foreach_add(y, x, alpha=s)
 
 
+def _axpy_inplace(x: Leaves, y: Leaves, s: Scalar) -> Sequence[torch.Tensor]:
+    if isinstance(s, PerLeaf):
+        torch._foreach_add_(y, _scaled(x, s))
+    elif not isinstance(s, torch.Tensor):
+        torch._foreach_add_(y, x, alpha=s)
+    elif y[0].device.type == "cpu":
+        # CPU foreach kernels loop over the tensors anyway: addcmul with the 0-d factor
+        # broadcast saves the temporary that mul + add would allocate.
+        torch._foreach_addcmul_(y, x, [s] * len(x))
+    else:  # two fused kernels (a list of 0-d factors would leave the fused CUDA path)
+        torch._foreach_add_(y, torch._foreach_mul(x, s))
+    return y
+
+
 def _lincomb(x: Leaves, y: Leaves, a: Scalar, b: Scalar) -> Sequence[torch.Tensor]:
     if isinstance(a, PerLeaf) or isinstance(b, PerLeaf):
         out = _scaled(x, a)
@@ -257,6 +271,11 @@ class TorchForeachOps(ArrayOps):
     def mul(self, x: Leaves, y: Leaves) -> Leaves:
         return self._map(torch._foreach_mul, (x, y))
 
+    def axpy_(self, s: Scalar, x: Leaves, y: Leaves) -> None:
+        """`y += s * x` in place: the one mutating method, for buffers the caller owns (the
+        optimizer forms an evaluation point in its weights this way, without a temporary)."""
+        self._map(_axpy_inplace, (x, y), (s,))
+
     def abs(self, x: Leaves) -> Leaves:
         return self._map(torch._foreach_abs, (x,))
 
@@ -300,6 +319,23 @@ class TorchForeachOps(ArrayOps):
     def weighted_norm(self, w: Leaves, x: Leaves) -> Any:
         """`|| w * x ||` (the product in the leaves' dtype, as `ArrayOps`)."""
         return self.norm(self.mul(w, x))
+
+    def all_finite(self, x: Leaves) -> Any:
+        """Whether every entry is finite, in one fused pass per dtype: PyTorch's own inf/nan check
+        for gradient lists (the kernel `GradScaler.unscale_` runs), with an unscale factor of
+        exactly 1, so each entry is written back unchanged. Lists holding a tensor that requires
+        grad, which must not be written, take the per-leaf `ArrayOps` check."""
+        if not x:
+            return torch.ones((), dtype=torch.bool)
+        if any(a.requires_grad for a in x):
+            return super().all_finite(x)
+        device = x[0].device
+        found = torch.zeros(1, dtype=torch.float32, device=device)
+        one = torch.ones((), dtype=torch.float32, device=device)
+        with torch.no_grad():
+            for idx in _groups(x) or [range(len(x))]:
+                torch._amp_foreach_non_finite_check_and_unscale_([x[i] for i in idx], found, one)
+        return found[0] == 0
 
     def count_below(self, x: Leaves, tol: float) -> Any:
         """Fraction of all entries with `|x| < tol` (0-d, accumulation dtype)."""

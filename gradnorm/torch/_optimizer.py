@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import operator
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -36,8 +37,11 @@ class _ClosureOracle:
 
     def __init__(self, params: list[torch.Tensor], closure: Callable[..., Any] | None, needs_hvp: bool,
                  model: torch.nn.Module | None = None, same_randomness: bool = False, ddp: str | None = None,
-                 grad_scaler: Any = None):
+                 grad_scaler: Any = None, backup: list[torch.Tensor] | None = None, ops: Any = None):
         self.ddp = ddp  # None, "local" or "global"
+        self.backup = backup  # an exact copy of the weights, which the rule sees as `params`
+        self.ops = ops
+        self.at: list[torch.Tensor] | None = backup  # a list whose values the weights hold now
         self.grad_scaler = grad_scaler
         self.params = params
         self.closure = closure
@@ -81,11 +85,17 @@ class _ClosureOracle:
             grads = list(torch._foreach_mul(grads, inv_scale))
         return loss.detach(), grads
 
+    def _holds(self, point: list[torch.Tensor]) -> bool:
+        """Whether the weights hold the values of `point` now (they are `point`, or were last
+        set from it)."""
+        return _same_list(point, self.params) or (self.at is not None and _same_list(point, self.at))
+
     def _move_to(self, point: list[torch.Tensor]) -> None:
-        if any(a is not b for a, b in zip(point, self.params)):
+        if not self._holds(point):
             with torch.no_grad():
                 torch._foreach_copy_(self.params, point)
             self.moved = True
+            self.at = point
 
     def first(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Loss and gradient at the current weights (kept with their graph for ``gr``)."""
@@ -100,6 +110,18 @@ class _ClosureOracle:
 
     def value_and_grad(self, point: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self._move_to(point)
+        return self._extra_pass()
+
+    def value_and_grad_along(self, base: list[torch.Tensor], step: Any, v: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """At `base + step * v`, formed in the weights in place (no parameter-sized temporary)."""
+        self._move_to(base)
+        self.moved = True  # before writing: a failure half way must still restore
+        self.at = None
+        with torch.no_grad():
+            self.ops.axpy_(step, v, self.params)
+        return self._extra_pass()
+
+    def _extra_pass(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self.model is not None and self.buffers_after_first is None:
             # the state after the pass at the unperturbed weights, to be put back after the step
             self.buffers_after_first = [(b, b.detach().clone()) for b in self.model.buffers()]
@@ -125,6 +147,10 @@ class _ClosureOracle:
             out = [h if h is not None else torch.zeros_like(p) for h, p in zip(hv, self.params)]
         self._graph = None
         return out
+
+
+def _same_list(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -177,6 +203,10 @@ class Optimizer(torch.optim.Optimizer):
             direction is not finite, as ``GradScaler`` does. Deciding costs one device-to-host
             read per step; set False to never synchronise (non-finite steps are still reported
             in :attr:`last_info`).
+        info_norms: report ``grad_norm`` and ``update_norm`` in :attr:`last_info` at every step.
+            Off by default: each is one more pass over the parameters that the rule's math does
+            not need (``grad_norm`` is reported anyway when the rule computes it, as ``sam`` does),
+            and ``finite`` then comes from one fused inf/nan check of the direction.
         **kwargs: the rule's hyperparameters (``rho=0.05``) and the base optimizer's arguments
             (``lr=0.1, momentum=0.9``); a name that is neither is an error.
 
@@ -207,6 +237,7 @@ class Optimizer(torch.optim.Optimizer):
         same_randomness: bool = False,
         grad_scaler: Any = None,
         skip_nonfinite: bool = True,
+        info_norms: bool = False,
         **kwargs: Any,
     ):
         rule_cls = _rule_class(rule)
@@ -214,7 +245,8 @@ class Optimizer(torch.optim.Optimizer):
         rule_kwargs = {k: v for k, v in kwargs.items() if k in names}
         base_kwargs = {k: v for k, v in kwargs.items() if k not in names}
         self.rule = _rules.get(rule, **rule_kwargs)
-        for name, value in (("skip_nonfinite", skip_nonfinite), ("same_randomness", same_randomness)):
+        for name, value in (("skip_nonfinite", skip_nonfinite), ("same_randomness", same_randomness),
+                            ("info_norms", info_norms)):
             if not isinstance(value, bool):
                 raise TypeError(f"`{name}` must be True or False. Received: {describe(value)}.")
         if model is not None and not isinstance(model, torch.nn.Module):
@@ -227,6 +259,7 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError("`skip_nonfinite` must be True with a `grad_scaler`: an overflow step must not be applied.")
         self.grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
         self.skip_nonfinite = skip_nonfinite
+        self.info_norms = info_norms
         self.same_randomness = same_randomness
         self.perturbation = perturbation
         self.model = model
@@ -335,21 +368,24 @@ class Optimizer(torch.optim.Optimizer):
         if self.rule_state is None:
             self.rule_state = rule.init(params)
         ddp = self.perturbation if _is_distributed(self.model) else None
-        oracle = _ClosureOracle(params, closure, rule.needs_hvp, self.model, self.same_randomness, ddp, self.grad_scaler)
         # Rules evaluate the closure at points computed from the weights, and the oracle writes
         # those points into the live parameters: the rule must see a snapshot, which is also the
         # exact copy the weights are restored from (the one parameter-sized buffer of the floor).
         backup = self._snapshot(params) if rule.grad_evals > 1 else None
         point = backup if backup is not None else params
+        oracle = _ClosureOracle(params, closure, rule.needs_hvp, self.model, self.same_randomness, ddp,
+                                self.grad_scaler, backup, self._ops)
         try:
             if loss is None:
                 first_loss, grads = oracle.first()
             else:
                 first_loss = loss.detach()
                 grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
-            direction, state, info = rule.update(
-                point, self.rule_state, oracle, loss=first_loss, grads=grads, ops=self._ops, check=False
-            )
+            with torch.no_grad():  # the closure's passes enable grad themselves
+                direction, state, info = rule.update(
+                    point, self.rule_state, oracle, loss=first_loss, grads=grads, ops=self._ops, check=False,
+                    norms=self.info_norms,
+                )
         finally:
             if oracle.moved:
                 with torch.no_grad():
@@ -357,7 +393,7 @@ class Optimizer(torch.optim.Optimizer):
             oracle.restore_buffers()
         if ddp == "local":
             direction = _average_over_ranks(direction)
-            info = {**info, "finite": torch.isfinite(self._ops.norm(direction)) & torch.isfinite(first_loss)}
+            info = {**info, "finite": self._ops.all_finite(direction) & torch.isfinite(first_loss)}
         self.last_info = info
         if self.grad_scaler is not None:
             scaler = self.grad_scaler
