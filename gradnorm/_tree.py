@@ -241,7 +241,8 @@ class ArrayOps:
     def scalar(self, value: float, like: Leaves) -> Any:
         """A 0-d array of the accumulation dtype on the device of `like`."""
         xp = self.xp
-        return xp.asarray(value, dtype=self._acc_dtype(like), device=array_api_compat.device(like[0]))
+        # full, not asarray: a Python number copied to a GPU would synchronize with the host
+        return xp.full((), value, dtype=self._acc_dtype(like), device=array_api_compat.device(like[0]))
 
     # -- elementwise ---------------------------------------------------------------------
     def add(self, x: Leaves, y: Leaves) -> Leaves:

@@ -66,7 +66,8 @@ class Coherent(Rule):
 
     def _init(self, params, ops):
         xp = ops.xp
-        return CoherentState(step=xp.asarray(0, dtype=xp.int32, device=array_api_compat.device(params[0])))
+        # zeros, not asarray(0): a Python number copied to a GPU would synchronize with the host
+        return CoherentState(step=xp.zeros((), dtype=xp.int32, device=array_api_compat.device(params[0])))
 
     def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
         info = {"sparsity": ops.count_below(params, self.sparsity_tol)}

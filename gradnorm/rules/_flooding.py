@@ -37,7 +37,9 @@ class Flooding(Rule):
     hyperparameters = (Hyperparameter("b", real(), doc="the flood level, a loss value (the paper picks it from 0.00 to 0.10 for benchmarks)"),)
 
     def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
-        sign = ops.xp.sign(loss - self.b)
+        # ops.sign, not xp.sign: array_api_compat's torch sign fixes nan with a masked write,
+        # which synchronizes a GPU with the host
+        sign = ops.sign([loss - self.b])[0]
         return ops.scale(sign, grads), state, {"flood_sign": sign}
 
 
