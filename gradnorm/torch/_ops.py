@@ -212,6 +212,7 @@ class TorchForeachOps(ArrayOps):
 
     def __init__(self) -> None:
         super().__init__(array_api_compat.array_namespace(torch.empty(0)))
+        self._ones: dict[torch.device, torch.Tensor] = {}  # the unscale factor 1 of `all_finite`, per device
 
     # -- plumbing -------------------------------------------------------------------------
     @staticmethod
@@ -330,12 +331,15 @@ class TorchForeachOps(ArrayOps):
         if any(a.requires_grad for a in x):
             return super().all_finite(x)
         device = x[0].device
+        one = self._ones.get(device)
+        if one is None:
+            one = self._ones[device] = torch.ones((), dtype=torch.float32, device=device)
         found = torch.zeros(1, dtype=torch.float32, device=device)
-        one = torch.ones((), dtype=torch.float32, device=device)
+        groups = _groups(x)
         with torch.no_grad():
-            for idx in _groups(x) or [range(len(x))]:
-                torch._amp_foreach_non_finite_check_and_unscale_([x[i] for i in idx], found, one)
-        return found[0] == 0
+            for part in [x] if groups is None else [[x[i] for i in idx] for idx in groups]:
+                torch._amp_foreach_non_finite_check_and_unscale_(part, found, one)
+        return found.view(()) == 0
 
     def count_below(self, x: Leaves, tol: float) -> Any:
         """Fraction of all entries with `|x| < tol` (0-d, accumulation dtype)."""
