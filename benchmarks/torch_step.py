@@ -84,6 +84,11 @@ def main() -> None:
     for rule, hyper in RULES:
         opts[rule] = gt.Optimizer(model.parameters(), torch.optim.SGD, rule=rule, lr=1e-4, momentum=0.9, foreach=True, **hyper)
         fns[rule] = (lambda o: (lambda: o.step(closure)))(opts[rule])
+    # the same SAM step without its one device-to-host read (the skip decision): on a GPU that
+    # read stalls the host until the device has caught up
+    opts["sam, skip_nonfinite=False"] = gt.Optimizer(model.parameters(), torch.optim.SGD, rule="sam", lr=1e-4,
+                                                    momentum=0.9, foreach=True, skip_nonfinite=False, rho=0.05)
+    fns["sam, skip_nonfinite=False"] = (lambda o: (lambda: o.step(closure)))(opts["sam, skip_nonfinite=False"])
     try:
         from pytorch_optimizer import SAM
 
@@ -100,10 +105,10 @@ def main() -> None:
     t = timed_interleaved(fns, args.steps, args.repeats, args.device)
     t_grad, t_update = t["gradient"], t["update"]
     rows = []
-    for rule, _ in RULES:
+    for rule in [r for r, _ in RULES] + ["sam, skip_nonfinite=False"]:
         opt = opts[rule]
         evals = opt.rule.grad_evals
-        label = f"{evals} grads" + (" + 1 HVP" if opt.rule.needs_hvp else "")
+        label = f"{evals} grad{'s' if evals > 1 else ''}" + (" + 1 HVP" if opt.rule.needs_hvp else "")
         rows.append((f"gradnorm {rule}", label, t[rule], evals * t_grad + t_update))
     if "peer" in t:
         rows.append(("pytorch_optimizer.SAM(foreach=True)", "2 grads", t["peer"], 2 * t_grad + t_update))
