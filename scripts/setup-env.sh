@@ -8,4 +8,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,examples,torch,jax]"
+# TensorFlow as its CPU build (tensorflow-cpu): the `tf` extra names `tensorflow`, which users
+# with a GPU want; the tests need only the CPU.
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,examples,torch,jax]" "tensorflow-cpu>=2.16"
