@@ -129,7 +129,7 @@ class FlatOracle:
         return self._check_tree(out, "the Hessian-vector product", "`hvp_fn`")
 
     def _check_loss(self, loss: Any) -> Any:
-        if not array_api_compat.is_array_api_obj(loss):
+        if not _tree.is_array(loss):
             if isinstance(loss, bool) or not isinstance(loss, (int, float)):
                 raise OracleOutputError(f"The loss returned by `grad_fn` must be a scalar. Received: {describe(loss)}.")
             ref = self.reference[0]
@@ -151,14 +151,14 @@ class FlatOracle:
             )
         for i, (leaf, ref) in enumerate(zip(leaves, self.reference)):
             same_kind = type(leaf) is type(ref)
-            if not same_kind and not array_api_compat.is_array_api_obj(leaf):
+            if not same_kind and not _tree.is_array(leaf):
                 raise OracleOutputError(f"{source} must return arrays in {what}; leaf {_leaf_path(self.treedef, i)} is {describe(leaf)}.")
             if tuple(leaf.shape) != tuple(ref.shape):
                 raise OracleOutputError(
                     f"{source} must return {what} with the shapes of `params`: leaf {_leaf_path(self.treedef, i)} must have shape "
                     f"{tuple(ref.shape)}. Received: shape {tuple(leaf.shape)}."
                 )
-            if not same_kind and array_api_compat.array_namespace(leaf) is not self.xp:
+            if not same_kind and _tree.array_namespace(leaf) is not self.xp:
                 raise OracleOutputError(
                     f"{source} must return {what} in the array library of `params`: leaf {_leaf_path(self.treedef, i)} must be an array of "
                     f"{self.xp.__name__} with dtype {ref.dtype}. Received: {describe(leaf)}."

@@ -10,7 +10,8 @@ without touching any rule. The conformance suite checks that such a swap keeps t
 Pytrees are handled by [optree](https://github.com/metaopt/optree) (`None` is an empty
 node, as in JAX). Arithmetic uses only the Python Array API standard through the namespace
 of the leaves (`array_api_compat.array_namespace`), never a framework's own API, and never
-mutates an input: every operation returns new arrays.
+mutates an input: every operation returns new arrays. TensorFlow, which array-api-compat does not
+cover, gets gradnorm's own small namespace (`gradnorm.tf._namespace`, see `array_namespace`).
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from typing import Any
 import itertools
 import numbers
 import operator
+import sys
 
 import array_api_compat
 import optree
 
 from ._errors import ParamsError, describe
 
-__all__ = ["ArrayOps", "PerLeaf", "flatten", "unflatten", "tree_structure", "namespace_of"]
+__all__ = ["ArrayOps", "PerLeaf", "flatten", "unflatten", "tree_structure", "namespace_of", "is_array", "array_namespace"]
 
 Leaves = list[Any]
 Scalar = Any  # a Python float or a 0-d array
@@ -48,6 +50,38 @@ def tree_structure(tree: Any) -> Any:
     return optree.tree_structure(tree)
 
 
+def _own_namespace(x: Any) -> Any:
+    """gradnorm's own namespace for the arrays array-api-compat does not cover, else None.
+
+    That is TensorFlow (`tf.Tensor`, `tf.Variable`), whose namespace `gradnorm.tf._namespace`
+    maps the Array API onto plain `tf.*` ops. Like array-api-compat, this looks at `sys.modules`
+    only: nothing is imported unless TensorFlow already is (then `x` may be one of its tensors).
+    """
+    tf = sys.modules.get("tensorflow")
+    if tf is None or not isinstance(x, (getattr(tf, "Tensor", ()), getattr(tf, "Variable", ()))):
+        return None
+    from .tf import _namespace
+
+    return _namespace
+
+
+def is_array(x: Any) -> bool:
+    """Whether `x` is an array gradnorm works with: an Array API object or a TensorFlow tensor."""
+    return array_api_compat.is_array_api_obj(x) or _own_namespace(x) is not None
+
+
+def array_namespace(*xs: Any) -> Any:
+    """`array_api_compat.array_namespace`, extended to TensorFlow tensors and variables (all of
+    `xs` must then be TensorFlow's; a `TypeError` otherwise)."""
+    own = _own_namespace(xs[0]) if xs else None
+    if own is None:
+        return array_api_compat.array_namespace(*xs)
+    if any(_own_namespace(x) is not own for x in xs[1:]):
+        kinds = sorted({f"{type(x).__module__}.{type(x).__qualname__}" for x in xs})
+        raise TypeError(f"Multiple namespaces for array types: {kinds}")
+    return own
+
+
 def namespace_of(leaves: Sequence[Any], *, argument: str = "params") -> Any:
     """The Array API namespace shared by `leaves`, or a `ParamsError` naming `argument`."""
     if not leaves:
@@ -56,13 +90,13 @@ def namespace_of(leaves: Sequence[Any], *, argument: str = "params") -> Any:
     if len(kinds) == 1 and array_api_compat.is_array_api_obj(leaves[0]):
         return array_api_compat.array_namespace(leaves[0])  # the common case, checked once
     for leaf in leaves:
-        if not array_api_compat.is_array_api_obj(leaf):
+        if not is_array(leaf):
             raise ParamsError(
                 f"Every leaf of `{argument}` must be an array of an Array API library "
                 f"(NumPy, PyTorch, JAX, CuPy, array-api-strict, ...). Received a leaf {describe(leaf)}."
             )
     try:
-        return array_api_compat.array_namespace(*leaves)
+        return array_namespace(*leaves)
     except TypeError as err:
         kinds = sorted({f"{type(leaf).__module__}.{type(leaf).__qualname__}" for leaf in leaves})
         raise ParamsError(

@@ -27,8 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-import array_api_compat
-
 from .. import _tree
 from .._errors import HyperparameterError, MissingHVPError, ParamsError, describe
 from .._oracle import FlatOracle, Oracle
@@ -58,9 +56,9 @@ class EmptyState(NamedTuple):
 
 def _is_scalar_array(value: Any) -> bool:
     """A 0-d array of a real floating dtype."""
-    if not array_api_compat.is_array_api_obj(value) or tuple(getattr(value, "shape", (1,))) != ():
+    if not _tree.is_array(value) or tuple(getattr(value, "shape", (1,))) != ():
         return False
-    return bool(array_api_compat.array_namespace(value).isdtype(value.dtype, "real floating"))
+    return bool(_tree.array_namespace(value).isdtype(value.dtype, "real floating"))
 
 
 def _fail(rule: str, name: str, expectation: str, value: Any) -> HyperparameterError:

@@ -1,0 +1,183 @@
+"""Benchmark: gradnorm.tf.step under tf.function, per rule, against its floor, and SAM against a
+hand-written tf.function SAM step, on a deep narrow MLP (40 layers of width 64, batch 128).
+
+Every training step is one tf.function: the rule's direction (``gradnorm.tf.step``) applied by a Keras
+SGD optimizer with momentum. Two floors, both measured in this process, interleaved with the steps:
+
+* floor (DESIGN.md's definition, as benchmarks/torch_step.py): k x (one forward-backward pass, a
+  tf.function returning the gradients) + (one optimizer update, a tf.function applying fixed
+  gradients), for a rule of k gradient evaluations. Each of those k + 1 calls pays the call overhead of
+  a tf.function that captures 82 variables (a fraction of a millisecond), which a one-call step pays
+  once, so a step can beat this floor.
+* fused floor: one tf.function doing nothing but the k passes (each waiting for the previous one, on
+  its own batch so that TensorFlow cannot merge them) and the update. No SAM that writes its
+  perturbation into the variables reaches it: the perturbation, its removal and the norm are a few
+  hundred small ops on 82 variables (the hand-written SAM pays them too). The hand-written SAM step
+perturbs the variables in place (``assign_add``), takes the second gradient and subtracts the
+perturbation again, the usual TensorFlow SAM. Prints a table; no assertion.
+
+    python benchmarks/tf_step.py [--steps 100] [--repeats 5] [--threads 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+RULES = [
+    ("sgd", {}),
+    ("sam", {"rho": 0.05}),
+    ("gnp", {"r": 0.05, "alpha": 0.8}),
+    ("fd_gr", {"gamma": 0.05, "eps": 0.01}),
+    ("gam", {}),
+    ("flooding", {"b": 0.01}),
+    ("coherent", {"lam": 1e-4, "threshold": 0.0}),
+    ("gr", {"gamma": 0.05}),
+    ("gr", {"gamma": 0.05, "hvp": "forward_over_reverse"}),
+]
+
+
+def timed_interleaved(fns: dict, steps: int, repeats: int) -> dict:
+    """Median over repeats of the mean time per call (ms) of every function; each repeat times every
+    function once, round-robin, so that drift of the machine affects all alike."""
+    for fn in fns.values():
+        for _ in range(5):
+            fn()
+    samples: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = fn()
+            _ = out.numpy() if hasattr(out, "numpy") else out  # calls on CPU return when done; this is cheap
+            samples[name].append((time.perf_counter() - start) / steps * 1e3)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="intra- and inter-op threads (0: TensorFlow's default)")
+    args = parser.parse_args()
+
+    import tensorflow as tf
+
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    import keras
+
+    import gradnorm
+    import gradnorm.tf as gt
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((64,))] + [keras.layers.Dense(64, activation="tanh") for _ in range(40)]
+                             + [keras.layers.Dense(10)])
+    x = tf.random.normal((128, 64))
+    y = tf.random.uniform((128,), 0, 10, dtype=tf.int32)
+    loss_obj = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    variables = model.trainable_variables
+    opt = keras.optimizers.SGD(1e-4, momentum=0.9)
+    opt.build(variables)
+
+    def loss_fn():
+        return loss_obj(y, model(x, training=True))
+
+    @tf.function
+    def gradient():
+        with tf.GradientTape() as tape:
+            loss = loss_fn()
+        return tape.gradient(loss, variables)
+
+    fixed = [tf.identity(g) for g in gradient()]
+
+    @tf.function
+    def update():
+        opt.apply_gradients(zip(fixed, variables))
+        return tf.constant(0.0)
+
+    batches = [tf.random.normal((128, 64)) for _ in range(4)]
+
+    def make_floor(k: int):
+        """k forward-backward passes and one update in one tf.function, nothing in between: what a step
+        costs at least. Each pass takes its own batch (identical passes could be merged by TensorFlow's
+        graph optimizer) and waits for the previous one (independent passes would run in parallel,
+        which a rule's passes cannot)."""
+
+        @tf.function
+        def floor():
+            link = tf.constant(0.0)
+            for xb in batches[:k]:
+                with tf.GradientTape() as tape:
+                    loss = loss_obj(y, model(xb + link, training=True))
+                grads = tape.gradient(loss, variables)
+                link = 0.0 * tf.reduce_sum(grads[0])  # the next pass waits for this one, as in a rule
+            opt.apply_gradients(zip(grads, variables))
+            return link
+
+        return floor
+
+    def make(rule: str, hyper: dict):
+        @tf.function
+        def train_step():
+            res = gt.step(variables, loss_fn, rule=rule, **hyper)
+            opt.apply_gradients(zip(res.grad, variables))
+            return res.loss
+
+        return train_step
+
+    @tf.function
+    def handwritten_sam():
+        with tf.GradientTape() as tape:
+            loss = loss_fn()
+        grads = tape.gradient(loss, variables)
+        scale = 0.05 / (tf.linalg.global_norm(grads) + 1e-12)
+        eps = [g * scale for g in grads]
+        for v, e in zip(variables, eps):
+            v.assign_add(e)
+        with tf.GradientTape() as tape:
+            perturbed = loss_fn()
+        grads = tape.gradient(perturbed, variables)
+        for v, e in zip(variables, eps):
+            v.assign_sub(e)
+        opt.apply_gradients(zip(grads, variables))
+        return loss
+
+    fns = {"gradient": lambda: gradient()[0], "update": update, **{f"floor{k}": make_floor(k) for k in (1, 2, 4)}}
+    labels = {}
+    for rule, hyper in RULES:
+        label = rule + (f" ({hyper['hvp'].replace('_', '-')})" if "hvp" in hyper else "")
+        labels[label] = gradnorm.rules.get(rule, **{k: v for k, v in hyper.items() if k != "hvp"})
+        fns[label] = make(rule, hyper)
+    fns["hand-written SAM"] = handwritten_sam
+    t = timed_interleaved(fns, args.steps, args.repeats)
+    t_grad, t_update = t["gradient"], t["update"]
+
+    rows = []
+    for label, rule in labels.items():
+        evals = rule.grad_evals
+        cost = f"{evals} grad" + ("s" if evals > 1 else "") + (" + 1 HVP" if rule.needs_hvp else "")
+        rows.append((f"gradnorm {label}", cost, t[label], evals * t_grad + t_update, t[f"floor{evals}"]))
+    rows.append(("hand-written tf.function SAM", "2 grads", t["hand-written SAM"], 2 * t_grad + t_update, t["floor2"]))
+
+    threads = tf.config.threading.get_intra_op_parallelism_threads() or "default"
+    print(f"deep narrow MLP 40 x 64, batch 128, CPU, tensorflow {tf.__version__}, keras {keras.__version__}, "
+          f"{threads} intra-op threads; median of {args.repeats} interleaved rounds of {args.steps} steps; "
+          f"one gradient {t_grad:.3f} ms, one SGD update {t_update:.3f} ms (separate tf.function calls)")
+    print("floor: k gradients + 1 update as separate calls (DESIGN.md's definition); fused floor: the same in one "
+          "tf.function with nothing in between")
+    print(f"| {'step (tf.function)':34s} | {'cost':14s} | {'ms/step':>7s} | {'floor ms':>8s} | {'x floor':>7s} "
+          f"| {'fused ms':>8s} | {'x fused':>7s} |")
+    print(f"|{'-' * 36}|{'-' * 16}|{'-' * 9}|{'-' * 10}|{'-' * 9}|{'-' * 10}|{'-' * 9}|")
+    for name, cost, ms, floor, fused in rows:
+        print(f"| {name:34s} | {cost:14s} | {ms:7.3f} | {floor:8.3f} | {ms / floor:7.3f} | {fused:8.3f} | {ms / fused:7.3f} |")
+    print(f"gradnorm sam / hand-written SAM: {t['sam'] / t['hand-written SAM']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

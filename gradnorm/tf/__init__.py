@@ -1,0 +1,32 @@
+"""gradnorm for TensorFlow: a rule step for custom loops (eager or ``tf.function``) and Keras
+``fit()`` integration (`gradnorm.tf.keras`).
+
+Importing this module imports TensorFlow; ``import gradnorm`` alone does not. Keras is loaded only
+when `gradnorm.tf.keras` is first used. Nothing here changes TensorFlow's global behaviour.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    import tensorflow as _tf  # noqa: F401
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "gradnorm.tf needs TensorFlow: `pip install \"gradnorm[tf]\"` (or install tensorflow for your platform)."
+    ) from err
+
+from . import _namespace as namespace
+from ._guard import WeightGuard
+from ._ops import TFOps
+from ._step import HVP_MODES, PERTURBATIONS, step
+
+__all__ = ["HVP_MODES", "PERTURBATIONS", "TFOps", "WeightGuard", "keras", "namespace", "step"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "keras":  # Keras integration, imported on first use
+        import importlib
+
+        return importlib.import_module(f"{__name__}.keras")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
