@@ -129,3 +129,13 @@ def test_tfops_under_tf_function_and_in_place_axpy():
     assert float(v[1].numpy()) == 7.0 and float(norm) == pytest.approx(np.sqrt(5.25)) and float(frac) == pytest.approx(1 / 3)
     empty = ops.norm([])
     assert float(empty) == 0.0 and bool(ops.all_finite([]))
+
+
+def test_flooding_loss_transforms_take_tensorflow_tensors():
+    import numpy as np
+
+    import gradnorm
+
+    losses = np.array([0.3, 0.9, 0.45])
+    assert float(gradnorm.flood(tf.constant(0.3), 0.5)) == float(gradnorm.flood(np.float64(0.3), 0.5))
+    np.testing.assert_allclose(float(gradnorm.iflood(tf.constant(losses), 0.5)), float(gradnorm.iflood(losses, 0.5)), rtol=1e-15)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import array_api_compat
-
+from .. import _tree
 from .._errors import HyperparameterError, describe
 from ._base import Hyperparameter, Rule, real
 
@@ -79,6 +78,6 @@ def iflood(losses: Any, b: float) -> Any:
 
 
 def _namespace(x: Any, name: str) -> Any:
-    if not array_api_compat.is_array_api_obj(x):
-        raise TypeError(f"`{name}` must be an array (NumPy, PyTorch, JAX, ...). Received: {describe(x)}.")
-    return array_api_compat.array_namespace(x)
+    if not _tree.is_array(x):
+        raise TypeError(f"`{name}` must be an array (NumPy, PyTorch, JAX, TensorFlow, ...). Received: {describe(x)}.")
+    return _tree.array_namespace(x)
