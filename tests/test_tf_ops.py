@@ -137,5 +137,5 @@ def test_flooding_loss_transforms_take_tensorflow_tensors():
     import gradnorm
 
     losses = np.array([0.3, 0.9, 0.45])
-    assert float(gradnorm.flood(tf.constant(0.3), 0.5)) == float(gradnorm.flood(np.float64(0.3), 0.5))
+    assert float(gradnorm.flood(tf.constant(0.3, tf.float64), 0.5)) == float(gradnorm.flood(np.float64(0.3), 0.5))
     np.testing.assert_allclose(float(gradnorm.iflood(tf.constant(losses), 0.5)), float(gradnorm.iflood(losses, 0.5)), rtol=1e-15)
