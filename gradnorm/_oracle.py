@@ -97,7 +97,9 @@ class FlatOracle:
 
     def value_and_grad(self, leaves: list[Any]) -> tuple[Any, list[Any]]:
         self.grad_evals += 1
-        out = self.oracle.value_and_grad(_tree.unflatten(self.treedef, leaves))
+        return self._checked_pair(self.oracle.value_and_grad(_tree.unflatten(self.treedef, leaves)))
+
+    def _checked_pair(self, out: Any) -> tuple[Any, list[Any]]:
         if not (isinstance(out, tuple) and len(out) == 2):
             raise OracleOutputError(
                 f"`grad_fn` must return a pair `(loss, grads)`. Received: {describe(out)}."
@@ -120,8 +122,7 @@ class FlatOracle:
             return self.value_and_grad(self.ops.axpy(step, v, base))
         self.grad_evals += 1
         out = along(_tree.unflatten(self.treedef, base), step, _tree.unflatten(self.treedef, v))
-        loss, grads = out
-        return self._check_loss(loss), self._check_tree(grads, "grads", "`grad_fn`")
+        return self._checked_pair(out)
 
     def hvp(self, leaves: list[Any], v: list[Any]) -> list[Any]:
         self.hvp_evals += 1

@@ -587,3 +587,18 @@ def test_norms_off_skips_the_reductions_the_rule_does_not_need():
     sgd = gradnorm.rules.get("sgd")
     _, _, info = sgd.update(params, sgd.init(params), gradnorm.FunctionOracle(bad_grad_fn), norms=False)
     assert not bool(info["finite"])
+
+
+def test_finite_is_elementwise_so_an_overflowing_norm_is_not_a_fault():
+    """float32 entries of 1e30 are finite, their squared norm is not: `finite` must stay True
+    (the norm itself is reported as it is)."""
+    import numpy as np
+
+    import gradnorm
+
+    params = {"w": np.full(4, 1e30, dtype=np.float32)}
+    with np.errstate(over="ignore"):  # the norm overflows, which is the point
+        res = gradnorm.step(params, lambda p: (np.float32(1.0), {"w": p["w"].copy()}), rule="sgd")
+    assert bool(res.info["finite"]) and not np.isfinite(res.info["update_norm"])
+    bad = gradnorm.step(params, lambda p: (np.float32(1.0), {"w": np.array([1.0, np.nan, 0, 0], np.float32)}), rule="sgd")
+    assert not bool(bad.info["finite"])

@@ -287,13 +287,13 @@ class Rule:
             check: validate the oracle's answers (structure, shapes, dtypes).
             norms: report `grad_norm` and `update_norm` in `info`. With False, the reductions
                 the rule does not need itself are skipped (each is a pass over the
-                parameters, a few percent of a step of a small model in eager PyTorch) and
-                `finite` comes from an elementwise check of the direction.
+                parameters, a few percent of a step of a small model in eager PyTorch).
 
         Returns:
             `(direction, state, info)`. `info` holds 0-d arrays (never read back to the
             host here): `loss`, `grad_norm` (of the gradient at `params`),
-            `update_norm` (of the direction), `finite` (loss and direction finite), the
+            `update_norm` (of the direction), `finite` (the loss and every entry of the direction finite, checked
+            elementwise, so a norm that overflows does not count), the
             Python ints `grad_evals` and `hvp_evals`, and rule-specific entries.
         """
         leaves, treedef = _tree.flatten(params)
@@ -335,9 +335,8 @@ class Rule:
             # A rule that returns the gradient list itself (sgd, zero strength) saves a reduction.
             update_norm = grad_norm if direction is g else ops.norm(direction)
             out["update_norm"] = update_norm
-            out["finite"] = xp.logical_and(xp.isfinite(loss), xp.isfinite(update_norm))
-        else:
-            out["finite"] = xp.logical_and(xp.isfinite(loss), ops.all_finite(direction))
+        # Elementwise, not from the norm: a norm can overflow while every entry is finite.
+        out["finite"] = xp.logical_and(xp.isfinite(loss), ops.all_finite(direction))
         out.update(info)
         out["grad_evals"] = flat.grad_evals
         out["hvp_evals"] = flat.hvp_evals
