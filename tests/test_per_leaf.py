@@ -121,7 +121,7 @@ def test_per_leaf_arithmetic_acts_on_every_value():
 
 
 def test_array_ops_apply_leaf_i_value_to_leaf_i():
-    import array_api_strict as xp
+    xp = pytest.importorskip("array_api_strict")
 
     ops = gradnorm.ArrayOps(xp)
     x = [xp.asarray([1.0, 2.0]), xp.asarray([3.0])]
