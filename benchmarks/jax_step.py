@@ -20,16 +20,7 @@ import os
 import statistics
 import time
 
-RULES = [
-    ("sgd", {}),
-    ("sam", {"rho": 0.05}),
-    ("gnp", {"r": 0.05, "alpha": 0.8}),
-    ("fd_gr", {"gamma": 0.05, "eps": 0.01}),
-    ("gam", {}),
-    ("flooding", {"b": 0.01}),
-    ("coherent", {"lam": 1e-4, "threshold": 0.0}),
-    ("gr", {"gamma": 0.05}),
-]
+from _rules import RULES  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 LR, MOMENTUM = 1e-4, 0.9
 
 

@@ -28,17 +28,9 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-RULES = [
-    ("sgd", {}),
-    ("sam", {"rho": 0.05}),
-    ("gnp", {"r": 0.05, "alpha": 0.8}),
-    ("fd_gr", {"gamma": 0.05, "eps": 0.01}),
-    ("gam", {}),
-    ("flooding", {"b": 0.01}),
-    ("coherent", {"lam": 1e-4, "threshold": 0.0}),
-    ("gr", {"gamma": 0.05}),
-    ("gr", {"gamma": 0.05, "hvp": "forward_over_reverse"}),
-]
+from _rules import RULES as _SHARED  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+RULES = [*_SHARED, ("gr", {"gamma": 0.05, "hvp": "forward_over_reverse"})]
 
 
 def timed_interleaved(fns: dict, steps: int, repeats: int) -> dict:

@@ -17,16 +17,7 @@ import torch
 
 import gradnorm.torch as gt
 
-RULES = [
-    ("sgd", {}),
-    ("sam", {"rho": 0.05}),
-    ("gnp", {"r": 0.05, "alpha": 0.8}),
-    ("fd_gr", {"gamma": 0.05, "eps": 0.01}),
-    ("gam", {}),
-    ("flooding", {"b": 0.01}),
-    ("coherent", {"lam": 1e-4, "threshold": 0.0}),
-    ("gr", {"gamma": 0.05}),
-]
+from _rules import RULES  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def make(device: str, depth: int = 40, width: int = 64, batch: int = 128):
