@@ -23,24 +23,8 @@ import gradnorm.jax as gj
 from conformance.problems import PROBLEMS
 from conformance.reference import FlatProblem, reference
 
-SETTINGS = [
-    ("sgd", {}),
-    ("sam", {"rho": 0.05}),
-    ("sam", {"rho": 0.5, "adaptive": True, "eta": 0.01}),
-    ("gnp", {"r": 0.05, "alpha": 0.8}),
-    ("gnp", {"r": 0.05, "alpha": 0.5, "mix_unit_gradient": True}),
-    ("gr", {"gamma": 0.1}),
-    ("gr", {"gamma": 0.1, "penalty": "norm"}),
-    ("fd_gr", {"gamma": 0.1, "eps": 0.01}),
-    ("fd_gr", {"gamma": 0.1, "eps": 0.5, "difference": "central", "normalize": True}),
-    ("gam", {}),
-    ("gam", {"adaptive": True, "variant": "paper"}),
-    ("flooding", {"b": 5.0}),
-    ("flooding", {"b": 0.01}),
-    ("coherent", {"lam": 0.1, "threshold": 0.0}),
-    ("coherent", {"lam": 0.3, "threshold": -1.0, "penalty": "l1"}),
-]
-IDS = [f"{r}-{'-'.join(f'{k}={v}' for k, v in h.items())}" for r, h in SETTINGS]
+from tests._reference import ADAPTER_IDS as IDS  # noqa: E402
+from tests._reference import ADAPTER_SETTINGS as SETTINGS  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
