@@ -315,6 +315,63 @@ def test_save_and_load(tmp_path):
     np.testing.assert_allclose(loaded.predict(X, verbose=0), trainer.predict(X, verbose=0), rtol=1e-6)
 
 
+COHERENT = {"lam": 0.3, "threshold": 0.3, "delay": 2}  # the delay counts steps: the state matters after a reload
+
+
+def full_batch():
+    return tf.data.Dataset.from_tensor_slices((X.astype("float32"), Y.astype("float32"))).batch(32)
+
+
+def test_a_saved_model_resumes_the_same_trajectory(tmp_path):
+    """2 steps, `save` (weights, optimizer momentum, rule state), `load_model`, 2 more steps: the
+    NumPy trajectory of 4 uninterrupted steps (a restarted step count would repeat the delay)."""
+    trainer = gt_keras.GradnormModel(keras_mlp(), rule="coherent", **COHERENT)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss=loss_object())
+    trainer.fit(full_batch(), epochs=2, shuffle=False, verbose=0)
+    path = tmp_path / "trainer.keras"
+    trainer.save(path)
+    loaded = keras.models.load_model(path)
+    loaded.fit(full_batch(), epochs=2, shuffle=False, verbose=0)
+    assert int(loaded._gradnorm_settings.runtime.state_vars[0].numpy()) == 4
+    assert_weights(loaded.model, reference("coherent", COHERENT, 4, 0.05, 0.9)[-1])
+
+
+def test_weights_files_carry_the_rule_state(tmp_path):
+    """`save_weights` of a trained wrapper, `load_weights` into a fresh one (the state waits for its
+    training function) and into a trained one (the state is set at once)."""
+    trainer = gt_keras.GradnormModel(keras_mlp(), rule="coherent", **COHERENT)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.05), loss=loss_object())
+    trainer.fit(full_batch(), epochs=2, shuffle=False, verbose=0)
+    path = str(tmp_path / "trainer.weights.h5")
+    trainer.save_weights(path)
+    fresh = gt_keras.GradnormModel(keras_mlp(), rule="coherent", **COHERENT)
+    fresh.compile(optimizer=keras.optimizers.SGD(0.05), loss=loss_object())
+    fresh.load_weights(path)
+    fresh.fit(full_batch(), epochs=2, shuffle=False, verbose=0)
+    assert_weights(fresh.model, reference("coherent", COHERENT, 4, 0.05, 0.0)[-1])
+    trainer.fit(full_batch(), epochs=1, shuffle=False, verbose=0)
+    trainer.load_weights(path)
+    assert int(trainer._gradnorm_settings.runtime.state_vars[0].numpy()) == 2
+
+
+def test_a_rule_state_loads_only_into_its_rule(tmp_path):
+    trainer = gt_keras.GradnormModel(keras_mlp(), rule="coherent", **COHERENT)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.05), loss=loss_object())
+    trainer.fit(full_batch(), epochs=1, shuffle=False, verbose=0)
+    path = str(tmp_path / "trainer.weights.h5")
+    trainer.save_weights(path)
+    other = gt_keras.GradnormModel(keras_mlp(), rule="sam", rho=0.05)
+    with pytest.raises(ValueError, match="rule 'sam' keeps 0"):
+        other.load_weights(path)
+    stateless = gt_keras.GradnormModel(keras_mlp(), rule="sam", rho=0.05)  # no state: files as before
+    stateless.compile(optimizer=keras.optimizers.SGD(0.05), loss=loss_object())
+    stateless.fit(full_batch(), epochs=1, shuffle=False, verbose=0)
+    stateless.save_weights(path)
+    plain = gt_keras.GradnormModel(keras_mlp(), rule="sam", rho=0.05)
+    plain.load_weights(path)
+    assert_weights(plain.model, stateless.model.get_weights(), rtol=0)
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(gradnorm.HyperparameterError, match="`rho`"):
         gt_keras.GradnormModel(keras_mlp(), rule="sam")

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from .. import rules as _rules
@@ -28,6 +29,8 @@ from ._guard import WeightGuard, as_variable
 from ._step import HVP_MODES, PERTURBATIONS, _Scaling, replica_setup, run_step
 
 __all__ = ["GradnormModel", "GradnormTrainStep"]
+
+_STATE_KEY = "gradnorm_rule_state_"  # prefix of the rule state's entries among a model's own saved variables
 
 
 def _check_backend() -> None:
@@ -53,6 +56,7 @@ class _Settings:
         self.same_randomness = same_randomness
         self.hvp = hvp
         self.runtime: _Runtime | None = None
+        self.loaded_state: list[Any] | None = None  # rule state read from a file before the runtime exists
 
 
 class _Runtime:
@@ -77,6 +81,22 @@ class _Runtime:
             self.state_vars = [tf.Variable(x, trainable=False, name=f"gradnorm_state_{k}") for k, x in init._asdict().items()]
             self.nonfinite = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradnorm_nonfinite_steps",
                                          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        if settings.loaded_state is not None:
+            self.load_state(settings.rule, settings.loaded_state)
+            settings.loaded_state = None
+
+    def load_state(self, rule: _rules.Rule, values: list[Any]) -> None:
+        """Set the rule state from saved values, after checking that they fit it."""
+        if len(values) != len(self.state_vars) or any(
+            tuple(np.shape(x)) != tuple(v.shape) for x, v in zip(values, self.state_vars)
+        ):
+            raise ValueError(
+                f"The saved gradnorm rule state does not fit rule '{rule.name}': it expects "
+                f"{[tuple(v.shape) for v in self.state_vars]} (shapes of {', '.join(self.state_type._fields) or 'no fields'}), "
+                f"the file holds {[tuple(np.shape(x)) for x in values]}."
+            )
+        for v, x in zip(self.state_vars, values):
+            v.assign(tf.cast(x, v.dtype), read_value=False)
 
     def read_state(self) -> Any:
         return self.state_type(*[v.read_value() for v in self.state_vars])
@@ -233,6 +253,46 @@ class GradnormTrainStep:
         self.train_function = train_function
         return train_function
 
+    def save_own_variables(self, store: Any) -> None:
+        """Keras saving (``save``, ``save_weights``, ``ModelCheckpoint``): the model's own variables
+        and, for a rule that keeps one, the rule state (``coherent``'s step count), so that training
+        resumed from the file continues the same trajectory."""
+        super().save_own_variables(store)  # type: ignore[misc]
+        settings = self._gradnorm_settings
+        if settings is None:
+            return
+        if settings.runtime is not None:
+            values: list[Any] = [v.numpy() for v in settings.runtime.state_vars]
+        elif settings.loaded_state is not None:
+            values = settings.loaded_state
+        else:
+            return  # not trained yet: the state is the rule's initial one
+        for i, x in enumerate(values):
+            store[f"{_STATE_KEY}{i}"] = x
+
+    def load_own_variables(self, store: Any) -> None:
+        """Keras loading: the counterpart of `save_own_variables` (a file without a rule state, such
+        as one written before training, leaves the state as it is)."""
+        keys = list(store.keys())
+        ours = sorted((k for k in keys if str(k).startswith(_STATE_KEY)), key=lambda k: int(str(k)[len(_STATE_KEY):]))
+        if not ours:
+            super().load_own_variables(store)  # type: ignore[misc]
+            return
+        super().load_own_variables({k: store[k] for k in keys if k not in ours})  # type: ignore[misc]
+        values = [np.asarray(store[k]) for k in ours]
+        settings = self._settings()
+        fields = settings.rule.state_type._fields
+        if len(values) != len(fields):
+            raise ValueError(
+                f"The file holds a gradnorm rule state of {len(values)} entries; rule '{settings.rule.name}' keeps "
+                f"{len(fields)} ({', '.join(fields) or 'none'}). Load it into a model with the rule it was saved with."
+            )
+        if settings.runtime is not None:
+            with self.distribute_strategy.scope():  # type: ignore[attr-defined]
+                settings.runtime.load_state(settings.rule, values)
+        else:
+            settings.loaded_state = values  # set when the training function creates the state
+
     def train_step(self, data: Any) -> Any:
         settings = self._settings()
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -292,7 +352,8 @@ class GradnormModel(GradnormTrainStep, keras.Model):
     Saving: ``save_weights``/``load_weights`` and checkpoints hold the inner model's weights;
     ``save`` stores the inner model and the rule (Python-number hyperparameters), and
     ``keras.models.load_model`` rebuilds the wrapper. The rule's state (``coherent``'s step count)
-    lives with the training function and is not saved.
+    is saved with the wrapper's own variables, so that training resumed from a ``.keras`` file (which
+    also holds the optimizer state) or from ``save_weights`` continues the same trajectory.
     """
 
     def __init__(self, model: keras.Model, rule: Any = "sam", *, perturbation: str = "local",
