@@ -208,6 +208,6 @@ ADAPTER_SETTINGS = [
     ("flooding", {"b": 5.0}),
     ("flooding", {"b": 0.01}),
     ("coherent", {"lam": 0.1, "threshold": 0.0}),
-    ("coherent", {"lam": 0.3, "threshold": -1.0, "penalty": "l1"}),
+    ("coherent", {"lam": 0.3, "threshold": -1.0, "penalty": "l1", "delay": 1}),
 ]
 ADAPTER_IDS = [f"{r}-{'-'.join(f'{k}={v}' for k, v in h.items())}" for r, h in ADAPTER_SETTINGS]

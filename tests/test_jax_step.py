@@ -22,37 +22,9 @@ import gradnorm
 import gradnorm.jax as gj
 from conformance.problems import PROBLEMS
 from conformance.reference import FlatProblem, reference
-
-from tests._reference import ADAPTER_IDS as IDS  # noqa: E402
-from tests._reference import ADAPTER_SETTINGS as SETTINGS  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _full_float32_matmuls():
-    """Full-precision float32 matmuls: on a GPU JAX's default (TF32) misses the float64
-    reference by about 1e-4; on a CPU this changes nothing."""
-    with jax.default_matmul_precision("highest"):
-        yield
-
-
-def x64():
-    return jax.enable_x64(True)
-
-
-def _compiles():
-    """A counter of XLA backend compilations in this process (a JAX monitoring event)."""
-    box = [0]
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            box[0] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    return box
-
-
-COMPILES = _compiles()
-
+from tests._jax import COMPILES, full_float32_matmuls, x64  # noqa: F401  (the fixture is autouse)
+from tests._reference import ADAPTER_IDS as IDS
+from tests._reference import ADAPTER_SETTINGS as SETTINGS
 
 # --------------------------------------------------------------------------------------------
 # problems

@@ -35,31 +35,7 @@ SETTINGS = [
 ]
 IDS = [f"{r}-{'-'.join(f'{k}={v}' for k, v in h.items())}" for r, h in SETTINGS]
 
-
-@pytest.fixture(autouse=True)
-def _full_float32_matmuls():
-    """Full-precision float32 matmuls: on a GPU JAX's default (TF32) misses the float64
-    reference by about 1e-4; on a CPU this changes nothing."""
-    with jax.default_matmul_precision("highest"):
-        yield
-
-
-def x64():
-    return jax.enable_x64(True)
-
-
-def _compiles():
-    box = [0]
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            box[0] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    return box
-
-
-COMPILES = _compiles()
+from tests._jax import COMPILES, full_float32_matmuls, x64  # noqa: F401  (the fixture is autouse)
 
 
 def mlp(dtype="float64", data=None):

@@ -10,28 +10,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import gradnorm  # noqa: E402
-import gradnorm.torch as gt  # noqa: E402
-
-SETTINGS = [
-    ("sgd", {}),
-    ("sam", {"rho": 0.05}),
-    ("sam", {"rho": 0.5, "adaptive": True, "eta": 0.01}),
-    ("gnp", {"r": 0.05, "alpha": 0.8}),
-    ("gnp", {"r": 0.05, "alpha": 0.5, "mix_unit_gradient": True}),
-    ("gr", {"gamma": 0.1}),
-    ("gr", {"gamma": 0.1, "penalty": "norm"}),
-    ("fd_gr", {"gamma": 0.1, "eps": 0.01}),
-    ("fd_gr", {"gamma": 0.1, "eps": 0.01, "difference": "central", "normalize": True}),
-    ("gam", {}),
-    ("gam", {"adaptive": True, "variant": "paper"}),
-    ("flooding", {"b": 5.0}),
-    ("flooding", {"b": 0.01}),
-    ("coherent", {"lam": 0.1, "threshold": 0.0}),
-    ("coherent", {"lam": 0.3, "threshold": -1.0, "penalty": "l1", "delay": 1}),
-]
-IDS = [f"{r}-{'-'.join(f'{k}={v}' for k, v in h.items())}" for r, h in SETTINGS]
-
+import gradnorm
+import gradnorm.torch as gt
+from tests._reference import ADAPTER_IDS as IDS
+from tests._reference import ADAPTER_SETTINGS as SETTINGS
 
 # --------------------------------------------------------------------------------------------
 # problems
