@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
-from _rules import RULES  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _rules import RULES
+from _timing import carried, timed_interleaved
+
 LR, MOMENTUM = 1e-4, 0.9
 
 
@@ -43,28 +43,6 @@ def make(depth: int = 40, width: int = 64, batch: int = 128, classes: int = 10):
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
 
     return params, x, y, loss_fn
-
-
-def timed_interleaved(fns: dict, steps: int, repeats: int) -> dict:
-    """Median over ``repeats`` rounds of the mean time per call (ms). Each entry of ``fns`` is
-    ``(call, carry)``: ``carry = call(*carry)`` is timed, so every step feeds the next."""
-    import jax
-
-    carries = {}
-    for name, (call, carry) in fns.items():
-        for _ in range(3):  # compile and warm up
-            carry = call(*carry)
-        carries[name] = jax.block_until_ready(carry)
-    samples: dict = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, (call, _) in fns.items():
-            carry = carries[name]
-            start = time.perf_counter()
-            for _ in range(steps):
-                carry = call(*carry)
-            carries[name] = jax.block_until_ready(carry)
-            samples[name].append((time.perf_counter() - start) / steps * 1e3)
-    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def main() -> None:
@@ -152,7 +130,8 @@ def main() -> None:
 
         fns["optax sam"] = (optax_step, (params, peer.init(params)))
 
-    t = timed_interleaved(fns, args.steps, args.repeats)
+    t = timed_interleaved({name: carried(call, carry) for name, (call, carry) in fns.items()}, args.steps,
+                          args.repeats, warmup=3, finish=jax.block_until_ready)
     rows = []
     for rule, rule_obj in rules.items():
         evals, hvps = rule_obj.grad_evals, rule_obj.hvp_evals

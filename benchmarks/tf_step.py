@@ -23,31 +23,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from _rules import RULES as _SHARED  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _rules import RULES as _SHARED
+from _timing import timed_interleaved
 
 RULES = [*_SHARED, ("gr", {"gamma": 0.05, "hvp": "forward_over_reverse"})]
-
-
-def timed_interleaved(fns: dict, steps: int, repeats: int) -> dict:
-    """Median over repeats of the mean time per call (ms) of every function; each repeat times every
-    function once, round-robin, so that drift of the machine affects all alike."""
-    for fn in fns.values():
-        for _ in range(5):
-            fn()
-    samples: dict = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                out = fn()
-            _ = out.numpy() if hasattr(out, "numpy") else out  # calls on CPU return when done; this is cheap
-            samples[name].append((time.perf_counter() - start) / steps * 1e3)
-    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def main() -> None:
@@ -147,7 +129,8 @@ def main() -> None:
         labels[label] = gradnorm.rules.get(rule, **{k: v for k, v in hyper.items() if k != "hvp"})
         fns[label] = make(rule, hyper)
     fns["hand-written SAM"] = handwritten_sam
-    t = timed_interleaved(fns, args.steps, args.repeats)
+    # a call on the CPU returns when done; reading its output back is cheap
+    t = timed_interleaved(fns, args.steps, args.repeats, finish=lambda out: out.numpy() if hasattr(out, "numpy") else out)
     t_grad, t_update = t["gradient"], t["update"]
 
     rows = []

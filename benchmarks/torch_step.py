@@ -10,14 +10,13 @@ base-optimizer update), all measured in this process. Prints a table; no asserti
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import functools
 
 import torch
+from _rules import RULES
+from _timing import timed_interleaved
 
 import gradnorm.torch as gt
-
-from _rules import RULES  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def make(device: str, depth: int = 40, width: int = 64, batch: int = 128):
@@ -29,26 +28,6 @@ def make(device: str, depth: int = 40, width: int = 64, batch: int = 128):
     x = torch.randn(batch, width, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     return model, x, y
-
-
-def timed_interleaved(fns: dict, steps: int, repeats: int, device: str) -> dict:
-    """Median over repeats of the mean time per call (ms) of every function; each repeat times
-    every function once, round-robin, so that drift of the machine affects all alike."""
-    for fn in fns.values():
-        for _ in range(5):
-            fn()
-    samples: dict = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            samples[name].append((time.perf_counter() - start) / steps * 1e3)
-    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def main() -> None:
@@ -74,12 +53,12 @@ def main() -> None:
     opts = {}
     for rule, hyper in RULES:
         opts[rule] = gt.Optimizer(model.parameters(), torch.optim.SGD, rule=rule, lr=1e-4, momentum=0.9, foreach=True, **hyper)
-        fns[rule] = (lambda o: (lambda: o.step(closure)))(opts[rule])
+        fns[rule] = functools.partial(opts[rule].step, closure)
     # the same SAM step without its one device-to-host read (the skip decision): on a GPU that
     # read stalls the host until the device has caught up
     opts["sam, skip_nonfinite=False"] = gt.Optimizer(model.parameters(), torch.optim.SGD, rule="sam", lr=1e-4,
                                                     momentum=0.9, foreach=True, skip_nonfinite=False, rho=0.05)
-    fns["sam, skip_nonfinite=False"] = (lambda o: (lambda: o.step(closure)))(opts["sam, skip_nonfinite=False"])
+    fns["sam, skip_nonfinite=False"] = functools.partial(opts["sam, skip_nonfinite=False"].step, closure)
     try:
         from pytorch_optimizer import SAM
 
@@ -93,7 +72,8 @@ def main() -> None:
     except ImportError:
         pass
     closure()
-    t = timed_interleaved(fns, args.steps, args.repeats, args.device)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    t = timed_interleaved(fns, args.steps, args.repeats, finish=lambda out: sync())
     t_grad, t_update = t["gradient"], t["update"]
     rows = []
     for rule in [r for r, _ in RULES] + ["sam, skip_nonfinite=False"]:
