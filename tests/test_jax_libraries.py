@@ -88,7 +88,7 @@ def equinox_problem():
 @pytest.mark.parametrize("rule,hyper", SETTINGS, ids=IDS)
 def test_an_equinox_module_filtered_to_its_arrays(rule, hyper):
     with x64():
-        params, static, loss_fn, x, y = equinox_problem()
+        params, _, loss_fn, x, y = equinox_problem()
         res = jax.jit(lambda p: gj.step(p, loss_fn, x, y, rule=rule, **hyper))(params)
         assert isinstance(res.grad, eqx.nn.MLP)  # a module again, with None where the static parts are
         assert_direction(res.grad, params, lambda p: loss_fn(p, x, y), rule, hyper)
