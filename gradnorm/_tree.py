@@ -94,6 +94,7 @@ def namespace_of(leaves: Sequence[Any], *, argument: str = "params") -> Any:
             raise ParamsError(
                 f"Every leaf of `{argument}` must be an array of an Array API library "
                 f"(NumPy, PyTorch, JAX, CuPy, array-api-strict, ...). Received a leaf {describe(leaf)}."
+                + _jax_node_hint(leaf)
             )
     try:
         return array_namespace(*leaves)
@@ -102,6 +103,22 @@ def namespace_of(leaves: Sequence[Any], *, argument: str = "params") -> Any:
         raise ParamsError(
             f"All leaves of `{argument}` must come from one array library. Received leaves of types {kinds}."
         ) from err
+
+
+def _jax_node_hint(leaf: Any) -> str:
+    """A hint for a JAX pytree node that optree does not know (an equinox module, a flax
+    ``FrozenDict`` or nnx ``State``, a registered dataclass)."""
+    jax = sys.modules.get("jax")
+    if jax is None or array_api_compat.is_array_api_obj(leaf):
+        return ""
+    try:
+        children = jax.tree_util.tree_leaves(leaf)
+    except Exception:  # pragma: no cover - any failure just means no hint
+        return ""
+    if children == [leaf]:
+        return ""
+    return (" It is a JAX pytree node, which gradnorm's core does not flatten: use gradnorm.jax.step "
+            "(it flattens with jax.tree_util), or pass jax.tree_util.tree_leaves(params).")
 
 
 def _is_one(x: Any) -> bool:

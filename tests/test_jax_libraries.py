@@ -96,6 +96,17 @@ def test_an_equinox_module_filtered_to_its_arrays(rule, hyper):
         assert np.isfinite(float(loss_fn(updated, x, y)))
 
 
+def test_the_core_refuses_a_module_and_names_the_jax_adapter():
+    """The core flattens with optree, to which an equinox module is one leaf: a clear error that
+    points to gradnorm.jax.step, before the loss runs."""
+    with x64():
+        params = equinox_problem()[0]
+        calls = []
+        with pytest.raises(gradnorm.ParamsError, match=r"JAX pytree node.*gradnorm\.jax\.step"):
+            gradnorm.step(params, lambda p: calls.append(p), rule="sgd")
+    assert not calls
+
+
 def test_transform_trains_an_equinox_module():
     """The optax route of equinox users: `eqx.filter_value_and_grad`, then `tx.update` with the
     loss of the batch; one step equals the core's SAM direction applied by SGD."""
