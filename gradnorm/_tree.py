@@ -115,8 +115,8 @@ def _jax_node_hint(leaf: Any) -> str:
         children = jax.tree_util.tree_leaves(leaf)
     except Exception:  # pragma: no cover - any failure just means no hint
         return ""
-    if children == [leaf]:
-        return ""
+    if len(children) == 1 and children[0] is leaf:
+        return ""  # a leaf to JAX too
     return (" It is a JAX pytree node, which gradnorm's core does not flatten: use gradnorm.jax.step "
             "(it flattens with jax.tree_util), or pass jax.tree_util.tree_leaves(params).")
 

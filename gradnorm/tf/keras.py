@@ -85,8 +85,8 @@ class _Runtime:
             self.load_state(settings.rule, settings.loaded_state)
             settings.loaded_state = None
 
-    def load_state(self, rule: _rules.Rule, values: list[Any]) -> None:
-        """Set the rule state from saved values, after checking that they fit it."""
+    def check_state(self, rule: _rules.Rule, values: list[Any]) -> None:
+        """A `ValueError` unless saved values fit the rule state."""
         if len(values) != len(self.state_vars) or any(
             tuple(np.shape(x)) != tuple(v.shape) for x, v in zip(values, self.state_vars)
         ):
@@ -95,6 +95,10 @@ class _Runtime:
                 f"{[tuple(v.shape) for v in self.state_vars]} (shapes of {', '.join(self.state_type._fields) or 'no fields'}), "
                 f"the file holds {[tuple(np.shape(x)) for x in values]}."
             )
+
+    def load_state(self, rule: _rules.Rule, values: list[Any]) -> None:
+        """Set the rule state from saved values, after checking that they fit it."""
+        self.check_state(rule, values)
         for v, x in zip(self.state_vars, values):
             v.assign(tf.cast(x, v.dtype), read_value=False)
 
@@ -278,7 +282,7 @@ class GradnormTrainStep:
         if not ours:
             super().load_own_variables(store)  # type: ignore[misc]
             return
-        super().load_own_variables({k: store[k] for k in keys if k not in ours})  # type: ignore[misc]
+        # every check before anything is loaded: a refused file leaves the model as it was
         values = [np.asarray(store[k]) for k in ours]
         settings = self._settings()
         fields = settings.rule.state_type._fields
@@ -287,6 +291,9 @@ class GradnormTrainStep:
                 f"The file holds a gradnorm rule state of {len(values)} entries; rule '{settings.rule.name}' keeps "
                 f"{len(fields)} ({', '.join(fields) or 'none'}). Load it into a model with the rule it was saved with."
             )
+        if settings.runtime is not None:
+            settings.runtime.check_state(settings.rule, values)
+        super().load_own_variables({k: store[k] for k in keys if k not in ours})  # type: ignore[misc]
         if settings.runtime is not None:
             with self.distribute_strategy.scope():  # type: ignore[attr-defined]
                 settings.runtime.load_state(settings.rule, values)
