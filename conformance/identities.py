@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .problems import PROBLEMS
+from .settings import zero_settings
 
 __all__ = ["Identity", "IDENTITIES", "check_identity"]
 
@@ -46,18 +47,9 @@ def _h(**kw: Any) -> tuple[tuple[str, Any], ...]:
 
 
 _SGD = ("sgd", _h())
-_ZERO = [
-    ("sam", _h(rho=0.0)),
-    ("sam", _h(rho=0.0, adaptive=True, eta=0.01)),
-    ("gnp", _h(r=0.05, alpha=0.0)),
-    ("gnp", _h(r=0.0, alpha=0.8)),
-    ("gr", _h(gamma=0.0)),
-    ("gr", _h(gamma=0.0, penalty="norm")),
-    ("fd_gr", _h(gamma=0.0, eps=0.01)),
-    ("fd_gr", _h(gamma=0.0, eps=0.01, difference="central", normalize=True)),
-    ("gam", _h(grad_rho=0.0, grad_norm_rho=0.0)),
-    ("coherent", _h(lam=0.0, threshold=0.0)),
-]
+# every rule's zero-strength settings (conformance/settings.py; flooding's is a level below any
+# loss), but sgd's own
+_ZERO = [(rule, tuple(hyper.items())) for rule, hyper in zero_settings() if rule != "sgd"]
 
 
 def _build() -> list[Identity]:
@@ -69,7 +61,6 @@ def _build() -> list[Identity]:
         for r in (0.05, 0.5):
             out.append(Identity(f"gnp[alpha=1,r={r}]==sam[rho={r}]", problem, ("gnp", _h(r=r, alpha=1.0)),
                                 ("sam", _h(rho=r)), rtol64=1e-15, rtol32=1e-6))
-        out.append(Identity("flooding[b=-1e6]==sgd", problem, ("flooding", _h(b=-1e6)), _SGD))
         out.append(Identity("flooding[b=1e6]==-sgd", problem, ("flooding", _h(b=1e6)), _SGD, sign=-1.0))
     for difference in ("forward", "backward", "central"):
         for normalize in (False, True):

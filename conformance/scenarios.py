@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .problems import PROBLEMS
+from .settings import conformance_settings
 
 __all__ = ["Scenario", "SCENARIOS", "RULE_SETTINGS", "scenario_by_id"]
 
@@ -43,19 +44,6 @@ class Scenario:
         return f"rule '{self.rule}' ({hyper}) on problem '{self.problem}' with {base}, {self.steps} steps"
 
 
-def _h(**kwargs: Any) -> tuple[tuple[str, Any], ...]:
-    return tuple(kwargs.items())
-
-
-# Per problem: the flood level b sits inside the range the loss crosses within 20 steps, so
-# the flooding scenarios take both descent and ascent steps; the coherent thresholds are set
-# so that the gate opens and closes within the run.
-_FLOOD_LEVEL = {"quadratic": 5.0, "logistic": 0.36, "mlp": 1.05}
-_COHERENT = {
-    "quadratic": (_h(lam=5.0, penalty="l2", threshold=0.95, delay=2), _h(lam=5.0, penalty="l1", threshold=0.95, delay=2)),
-    "logistic": (_h(lam=0.2, penalty="l2", threshold=0.8, delay=2), _h(lam=0.05, penalty="l1", threshold=0.9)),
-    "mlp": (_h(lam=0.3, penalty="l2", threshold=0.3, delay=2), _h(lam=0.05, penalty="l1", threshold=0.5)),
-}
 _LR = {  # (sgd, momentum)
     "quadratic": (0.002, 0.001),
     "logistic": (0.5, 0.1),
@@ -64,24 +52,11 @@ _LR = {  # (sgd, momentum)
 
 
 def RULE_SETTINGS(problem: str) -> list[tuple[str, tuple[tuple[str, Any], ...]]]:
-    """The rule settings every problem is run with."""
-    l2, l1 = _COHERENT[problem]
-    return [
-        ("sgd", _h()),
-        ("sam", _h(rho=0.05)),
-        ("sam", _h(rho=0.5, adaptive=True, eta=0.01)),
-        ("gnp", _h(r=0.05, alpha=0.8)),
-        ("gr", _h(gamma=0.05)),
-        ("gr", _h(gamma=0.05, penalty="norm")),
-        ("fd_gr", _h(gamma=0.05, eps=0.01)),
-        ("fd_gr", _h(gamma=0.05, eps=0.01, difference="backward")),
-        ("fd_gr", _h(gamma=0.05, eps=0.5, difference="central", normalize=True)),
-        ("gam", _h()),
-        ("gam", _h(adaptive=True, variant="paper")),
-        ("flooding", _h(b=_FLOOD_LEVEL[problem])),
-        ("coherent", l2),
-        ("coherent", l1),
-    ]
+    """The rule settings every problem is run with: every registered rule's ``conformance``
+    entry in conformance/settings.py (per problem, the flood level b sits inside the range the
+    loss crosses within 20 steps, so the flooding scenarios take both descent and ascent steps;
+    the coherent thresholds are set so that the gate opens and closes within the run)."""
+    return [(rule, tuple(hyper.items())) for rule, hyper in conformance_settings(problem)]
 
 
 def _all() -> list[Scenario]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from . import rules
 from ._errors import (
+    ClosureError,
     GradnormError,
     HyperparameterError,
     MissingHVPError,
@@ -21,7 +22,7 @@ from ._errors import (
     ParamsError,
     UnknownRuleError,
 )
-from ._oracle import FunctionOracle, Oracle
+from ._oracle import HVP_MODES, PERTURBATIONS, FunctionOracle, LeafOracle, Oracle, TreeOracle
 from ._step import StepResult, step
 from ._tree import ArrayOps, PerLeaf
 from .rules import Rule, flood, iflood
@@ -35,6 +36,10 @@ __all__ = [
     "Rule",
     "Oracle",
     "FunctionOracle",
+    "LeafOracle",
+    "TreeOracle",
+    "HVP_MODES",
+    "PERTURBATIONS",
     "ArrayOps",
     "PerLeaf",
     "flood",
@@ -46,6 +51,7 @@ __all__ = [
     "MissingHVPError",
     "OracleOutputError",
     "ParamsError",
+    "ClosureError",
     "__version__",
 ]
 

@@ -14,6 +14,7 @@ __all__ = [
     "MissingHVPError",
     "OracleOutputError",
     "ParamsError",
+    "ClosureError",
 ]
 
 
@@ -35,6 +36,12 @@ class MissingHVPError(GradnormError, ValueError):
 
 class OracleOutputError(GradnormError, ValueError):
     """`grad_fn` / `hvp_fn` returned something of the wrong structure, shape or dtype."""
+
+
+class ClosureError(OracleOutputError, TypeError):
+    """An adapter's loss function or closure is missing, cannot be called as the rule needs
+    (a first pass with `create_graph`, say), or returned something that is not a real scalar loss.
+    The same class in every adapter (`gradnorm.torch`, `gradnorm.jax`, `gradnorm.tf`)."""
 
 
 class ParamsError(GradnormError, TypeError):

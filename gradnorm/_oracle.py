@@ -1,14 +1,17 @@
 """The gradient oracle: how a rule evaluates the loss and its derivatives.
 
-A rule never calls a framework. It receives an oracle that evaluates
-`value_and_grad(params) -> (loss, grads)` at any point and, for rules that need it,
-`hvp(params, v) -> H(params) v`. `gradnorm.step` builds one from the user's `grad_fn`
-(and `hvp_fn`); each framework adapter builds one from a loss function with its autodiff.
+A rule never calls a framework. It asks an oracle, at two levels:
 
-Inside a step, rules talk to a `FlatOracle`, the same oracle seen through flat lists
-of leaves. It checks every answer (tree structure, shapes, dtypes, a scalar loss) so that a
-`grad_fn` returning the wrong thing fails with a clear message on its first call, and it
-counts evaluations for `info`.
+* `Oracle` (trees): what a user supplies to `gradnorm.step` through `FunctionOracle`
+  (`grad_fn(params) -> (loss, grads)`, `hvp_fn(params, v) -> H v`), or any object with
+  `value_and_grad(params)`, `hvp(params, v)` and `has_hvp`.
+* `LeafOracle` (flat lists of leaves): what a rule talks to inside `Rule.update_leaves`. It asks
+  `value_and_grad(leaves)`, `value_and_grad_along(base, step, v)` (the point `base + step * v`,
+  which an adapter that evaluates by writing into live weights forms there in place) and
+  `hvp(leaves, v)`, and it counts the evaluations for `info`. Adapters subclass it (the JAX
+  oracle, the live-weights oracles of `gradnorm._live`); `TreeOracle` adapts an `Oracle` and
+  checks every answer (structure, shapes, dtypes, a real scalar loss), so that a `grad_fn`
+  returning the wrong thing fails with a clear message on its first call.
 """
 
 from __future__ import annotations
@@ -21,18 +24,28 @@ import array_api_compat
 from . import _tree
 from ._errors import MissingHVPError, OracleOutputError, describe
 
-__all__ = ["Oracle", "FunctionOracle", "FlatOracle"]
+__all__ = ["Oracle", "FunctionOracle", "LeafOracle", "TreeOracle", "HVP_MODES", "PERTURBATIONS"]
+
+#: How an adapter may compute a Hessian-vector product: differentiate the gradient once more
+#: (reverse mode, reusing the first pass where the framework allows) or take the forward-mode
+#: derivative (JVP) of the gradient. Every adapter that offers a choice uses these names.
+HVP_MODES = ("reverse_over_reverse", "forward_over_reverse")
+
+#: The data-parallel perturbation policies: "local" (every replica computes the rule on its own
+#: minibatch, as in the SAM and GNP papers; the directions are averaged once) or "global" (every
+#: evaluation is averaged over the replicas, so the rule sees the gradient of the global batch).
+PERTURBATIONS = ("local", "global")
 
 
 @runtime_checkable
 class Oracle(Protocol):
-    """What a rule may ask of the loss.
+    """What a rule may ask of the loss, on parameter trees.
 
-    `value_and_grad(params)` returns `(loss, grads)` with `loss` a scalar and `grads`
-    a tree of the same structure, shapes and dtypes as `params`. `hvp(params, v)` returns
-    the Hessian of the loss at `params` applied to the tree `v`; `has_hvp` says whether
-    it is available. Every call within one step must use the same minibatch (and, where the
-    user asks for it, the same dropout randomness).
+    `value_and_grad(params)` returns `(loss, grads)` with `loss` a real scalar and `grads` a tree
+    of the same structure, shapes and dtypes as `params`. `hvp(params, v)` returns the Hessian of
+    the loss at `params` applied to the tree `v`; `has_hvp` says whether it is available. Every
+    call within one step must use the same minibatch (and, where the user asks for it, the same
+    dropout randomness).
     """
 
     has_hvp: bool
@@ -68,108 +81,151 @@ class FunctionOracle:
         return self._hvp_fn(params, v)
 
 
-class FlatOracle:
-    """An `Oracle` seen through flat leaf lists, with checked answers and call counts.
+class LeafOracle:
+    """The oracle a rule talks to: the loss and its derivatives on flat lists of leaves.
+
+    A rule calls the three public methods; each counts in `grad_evals` / `hvp_evals` (the step's
+    `info`, and the contract that a rule's declared cost is what it spends). A subclass implements
+
+    * `_value_and_grad(leaves) -> (loss, grad_leaves)`: the loss (a 0-d array) and gradient at the
+      point whose leaves are `leaves`;
+    * optionally `_value_and_grad_along(base, step, v)`: the same at `base + step * v`, with `step`
+      a scalar (Python number or 0-d array) or a `gradnorm.PerLeaf`. The default forms the point
+      with `ops.axpy`; an oracle that evaluates by writing into live weights forms it in place;
+    * optionally `_hvp(leaves, v) -> H v` (and sets `has_hvp = True`).
 
     Args:
-        oracle: the oracle to wrap.
+        ops: the leaf arithmetic used to form points along a direction (default: `ArrayOps` of
+            the leaves' namespace).
+    """
+
+    has_hvp: bool = False
+
+    def __init__(self, ops: Any = None):
+        self.ops = ops
+        self.grad_evals = 0
+        self.hvp_evals = 0
+
+    def value_and_grad(self, leaves: list[Any]) -> tuple[Any, list[Any]]:
+        """Loss and gradient at the point `leaves`."""
+        self.grad_evals += 1
+        return self._value_and_grad(leaves)
+
+    def value_and_grad_along(self, base: list[Any], step: Any, v: list[Any]) -> tuple[Any, list[Any]]:
+        """Loss and gradient at `base + step * v`. Rules ask for a point along a direction this way
+        (rather than computing it and calling `value_and_grad`), so that an oracle which evaluates
+        by writing into live weights can form the point there without a parameter-sized temporary."""
+        self.grad_evals += 1
+        return self._value_and_grad_along(base, step, v)
+
+    def hvp(self, leaves: list[Any], v: list[Any]) -> list[Any]:
+        """The Hessian of the loss at `leaves` applied to `v`."""
+        if not self.has_hvp:
+            raise MissingHVPError("This oracle has no Hessian-vector product.")
+        self.hvp_evals += 1
+        return self._hvp(leaves, v)
+
+    # -- what subclasses implement -------------------------------------------------------
+    def _value_and_grad(self, leaves: list[Any]) -> tuple[Any, list[Any]]:
+        raise NotImplementedError
+
+    def _value_and_grad_along(self, base: list[Any], step: Any, v: list[Any]) -> tuple[Any, list[Any]]:
+        ops = self.ops if self.ops is not None else _tree.ArrayOps(_tree.namespace_of(base))
+        return self._value_and_grad(ops.axpy(step, v, base))
+
+    def _hvp(self, leaves: list[Any], v: list[Any]) -> list[Any]:
+        raise MissingHVPError("This oracle has no Hessian-vector product.")
+
+
+class TreeOracle(LeafOracle):
+    """A tree-level `Oracle` seen by a rule through flat leaf lists, with checked answers.
+
+    Args:
+        oracle: the `Oracle` to wrap.
         treedef: tree structure of the parameters.
         reference: the parameter leaves; answers must match their shapes and dtypes.
         xp: the array namespace of the parameters (a Python-float loss is converted with it).
         check: validate each answer (on by default; adapters that build correct answers by
-            construction may turn it off).
+            construction turn it off).
+        ops: as for `LeafOracle`.
     """
 
     def __init__(self, oracle: Oracle, treedef: Any, reference: list[Any], xp: Any, *, check: bool = True,
                  ops: Any = None):
+        super().__init__(ops if ops is not None else _tree.ArrayOps(xp))
         self.oracle = oracle
-        self.ops = ops if ops is not None else _tree.ArrayOps(xp)
         self.treedef = treedef
         self.reference = reference
         self.xp = xp
         self.check = check
-        self.grad_evals = 0
-        self.hvp_evals = 0
+        self.has_hvp = bool(getattr(oracle, "has_hvp", False))
 
-    @property
-    def has_hvp(self) -> bool:
-        return bool(getattr(self.oracle, "has_hvp", False))
-
-    def value_and_grad(self, leaves: list[Any]) -> tuple[Any, list[Any]]:
-        self.grad_evals += 1
-        return self._checked_pair(self.oracle.value_and_grad(_tree.unflatten(self.treedef, leaves)))
-
-    def _checked_pair(self, out: Any) -> tuple[Any, list[Any]]:
+    def _value_and_grad(self, leaves: list[Any]) -> tuple[Any, list[Any]]:
+        out = self.oracle.value_and_grad(_tree.unflatten(self.treedef, leaves))
         if not (isinstance(out, tuple) and len(out) == 2):
-            raise OracleOutputError(
-                f"`grad_fn` must return a pair `(loss, grads)`. Received: {describe(out)}."
-            )
+            raise OracleOutputError(f"`grad_fn` must return a pair `(loss, grads)`. Received: {describe(out)}.")
         loss, grads = out
-        loss = self._check_loss(loss)
-        return loss, self._check_tree(grads, "grads", "`grad_fn`")
+        loss = check_loss(loss, self.reference, self.xp, "`grad_fn`", strict=self.check)
+        return loss, self._leaves(grads, "grads", "`grad_fn`")
 
-    def value_and_grad_along(self, base: list[Any], step: Any, v: list[Any]) -> tuple[Any, list[Any]]:
-        """Loss and gradient at `base + step * v` (`step` a scalar or a `PerLeaf`).
-
-        Rules ask for their evaluation points this way, so that an oracle which evaluates by
-        writing the point into live weights (`gradnorm.torch.Optimizer`) can form it there in
-        place, without a parameter-sized temporary: it implements
-        `value_and_grad_along(base, step, v)` on trees. Otherwise the point is computed with
-        `ops.axpy` and passed to `value_and_grad`.
-        """
-        along = getattr(self.oracle, "value_and_grad_along", None)
-        if along is None:
-            return self.value_and_grad(self.ops.axpy(step, v, base))
-        self.grad_evals += 1
-        out = along(_tree.unflatten(self.treedef, base), step, _tree.unflatten(self.treedef, v))
-        return self._checked_pair(out)
-
-    def hvp(self, leaves: list[Any], v: list[Any]) -> list[Any]:
-        self.hvp_evals += 1
+    def _hvp(self, leaves: list[Any], v: list[Any]) -> list[Any]:
         out = self.oracle.hvp(_tree.unflatten(self.treedef, leaves), _tree.unflatten(self.treedef, v))
-        return self._check_tree(out, "the Hessian-vector product", "`hvp_fn`")
+        return self._leaves(out, "the Hessian-vector product", "`hvp_fn`")
 
-    def _check_loss(self, loss: Any) -> Any:
-        if not _tree.is_array(loss):
-            if isinstance(loss, bool) or not isinstance(loss, (int, float)):
-                raise OracleOutputError(f"The loss returned by `grad_fn` must be a scalar. Received: {describe(loss)}.")
-            ref = self.reference[0]
-            loss = self.xp.asarray(float(loss), dtype=ref.dtype, device=array_api_compat.device(ref))
-        if self.check and tuple(loss.shape) != ():
-            raise OracleOutputError(
-                f"The loss returned by `grad_fn` must be a scalar (shape ()). Received: shape {tuple(loss.shape)}."
-            )
-        return loss
-
-    def _check_tree(self, tree: Any, what: str, source: str) -> list[Any]:
+    def _leaves(self, tree: Any, what: str, source: str) -> list[Any]:
         leaves, treedef = _tree.flatten(tree)
-        if not self.check:
-            return leaves
-        if treedef != self.treedef:
-            raise OracleOutputError(
-                f"{source} must return {what} with the same tree structure as `params`"
-                f"{_structure_difference(self.treedef, treedef)}. Expected: {self.treedef}. Received: {treedef}."
-            )
-        for i, (leaf, ref) in enumerate(zip(leaves, self.reference)):
-            same_kind = type(leaf) is type(ref)
-            if not same_kind and not _tree.is_array(leaf):
-                raise OracleOutputError(f"{source} must return arrays in {what}; leaf {_leaf_path(self.treedef, i)} is {describe(leaf)}.")
-            if tuple(leaf.shape) != tuple(ref.shape):
-                raise OracleOutputError(
-                    f"{source} must return {what} with the shapes of `params`: leaf {_leaf_path(self.treedef, i)} must have shape "
-                    f"{tuple(ref.shape)}. Received: shape {tuple(leaf.shape)}."
-                )
-            if not same_kind and _tree.array_namespace(leaf) is not self.xp:
-                raise OracleOutputError(
-                    f"{source} must return {what} in the array library of `params`: leaf {_leaf_path(self.treedef, i)} must be an array of "
-                    f"{self.xp.__name__} with dtype {ref.dtype}. Received: {describe(leaf)}."
-                )
-            if leaf.dtype != ref.dtype:
-                raise OracleOutputError(
-                    f"{source} must return {what} with the dtypes of `params`: leaf {_leaf_path(self.treedef, i)} must have dtype "
-                    f"{ref.dtype}. Received: dtype {leaf.dtype}."
-                )
+        if self.check:
+            check_tree(leaves, treedef, self.treedef, self.reference, self.xp, what, source)
         return leaves
+
+
+def check_loss(loss: Any, reference: list[Any], xp: Any, source: str, *, strict: bool = True) -> Any:
+    """The loss as a 0-d array: a Python number is converted (to the dtype of the first parameter);
+    with `strict`, anything but a real floating 0-d array is an `OracleOutputError`."""
+    if not _tree.is_array(loss):
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+            raise OracleOutputError(f"The loss returned by {source} must be a real scalar. Received: {describe(loss)}.")
+        ref = reference[0]
+        return xp.asarray(float(loss), dtype=ref.dtype, device=array_api_compat.device(ref))
+    if strict and tuple(loss.shape) != ():
+        raise OracleOutputError(
+            f"The loss returned by {source} must be a scalar (shape ()). Received: shape {tuple(loss.shape)}."
+        )
+    if strict and not _tree.array_namespace(loss).isdtype(loss.dtype, "real floating"):
+        raise OracleOutputError(
+            f"The loss returned by {source} must have a real floating-point dtype. Received: dtype {loss.dtype}."
+        )
+    return loss
+
+
+def check_tree(leaves: list[Any], treedef: Any, expected: Any, reference: list[Any], xp: Any, what: str,
+               source: str) -> None:
+    """An `OracleOutputError` unless `leaves` (of structure `treedef`) match the structure `expected`
+    and the shapes, dtypes and array library of `reference`."""
+    if treedef != expected:
+        raise OracleOutputError(
+            f"{source} must return {what} with the same tree structure as `params`"
+            f"{_structure_difference(expected, treedef)}. Expected: {expected}. Received: {treedef}."
+        )
+    for i, (leaf, ref) in enumerate(zip(leaves, reference)):
+        same_kind = type(leaf) is type(ref)
+        if not same_kind and not _tree.is_array(leaf):
+            raise OracleOutputError(f"{source} must return arrays in {what}; leaf {_leaf_path(expected, i)} is {describe(leaf)}.")
+        if tuple(leaf.shape) != tuple(ref.shape):
+            raise OracleOutputError(
+                f"{source} must return {what} with the shapes of `params`: leaf {_leaf_path(expected, i)} must have shape "
+                f"{tuple(ref.shape)}. Received: shape {tuple(leaf.shape)}."
+            )
+        if not same_kind and _tree.array_namespace(leaf) is not xp:
+            raise OracleOutputError(
+                f"{source} must return {what} in the array library of `params`: leaf {_leaf_path(expected, i)} must be an array of "
+                f"{xp.__name__} with dtype {ref.dtype}. Received: {describe(leaf)}."
+            )
+        if leaf.dtype != ref.dtype:
+            raise OracleOutputError(
+                f"{source} must return {what} with the dtypes of `params`: leaf {_leaf_path(expected, i)} must have dtype "
+                f"{ref.dtype}. Received: dtype {leaf.dtype}."
+            )
 
 
 def _structure_difference(expected: Any, received: Any) -> str:

@@ -10,8 +10,10 @@ without touching any rule. The conformance suite checks that such a swap keeps t
 Pytrees are handled by [optree](https://github.com/metaopt/optree) (`None` is an empty
 node, as in JAX). Arithmetic uses only the Python Array API standard through the namespace
 of the leaves (`array_api_compat.array_namespace`), never a framework's own API, and never
-mutates an input: every operation returns new arrays. TensorFlow, which array-api-compat does not
-cover, gets gradnorm's own small namespace (`gradnorm.tf._namespace`, see `array_namespace`).
+mutates an input: every operation returns new arrays. Which arrays qualify and which namespace
+they get is decided in `gradnorm._backend` (re-exported here: `is_array`, `array_namespace`,
+`namespace_of`); TensorFlow, which array-api-compat does not cover, gets gradnorm's own small
+namespace there (`gradnorm._compat.tensorflow`), without importing the TensorFlow adapter.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import itertools
+import math
 import numbers
 import operator
 import sys
@@ -27,7 +30,8 @@ import sys
 import array_api_compat
 import optree
 
-from ._errors import ParamsError, describe
+from ._backend import array_namespace, is_array, namespace_of  # re-exported: the core calls _tree.<name>
+from ._errors import describe
 
 __all__ = ["ArrayOps", "PerLeaf", "flatten", "unflatten", "tree_structure", "namespace_of", "is_array", "array_namespace"]
 
@@ -48,77 +52,6 @@ def unflatten(treedef: Any, leaves: Sequence[Any]) -> Any:
 
 def tree_structure(tree: Any) -> Any:
     return optree.tree_structure(tree)
-
-
-def _own_namespace(x: Any) -> Any:
-    """gradnorm's own namespace for the arrays array-api-compat does not cover, else None.
-
-    That is TensorFlow (`tf.Tensor`, `tf.Variable`), whose namespace `gradnorm.tf._namespace`
-    maps the Array API onto plain `tf.*` ops. Like array-api-compat, this looks at `sys.modules`
-    only: nothing is imported unless TensorFlow already is (then `x` may be one of its tensors).
-    """
-    tf = sys.modules.get("tensorflow")
-    if tf is None or not isinstance(x, (getattr(tf, "Tensor", ()), getattr(tf, "Variable", ()))):
-        return None
-    from .tf import _namespace
-
-    return _namespace
-
-
-def is_array(x: Any) -> bool:
-    """Whether `x` is an array gradnorm works with: an Array API object or a TensorFlow tensor."""
-    return array_api_compat.is_array_api_obj(x) or _own_namespace(x) is not None
-
-
-def array_namespace(*xs: Any) -> Any:
-    """`array_api_compat.array_namespace`, extended to TensorFlow tensors and variables (all of
-    `xs` must then be TensorFlow's; a `TypeError` otherwise)."""
-    own = _own_namespace(xs[0]) if xs else None
-    if own is None:
-        return array_api_compat.array_namespace(*xs)
-    if any(_own_namespace(x) is not own for x in xs[1:]):
-        kinds = sorted({f"{type(x).__module__}.{type(x).__qualname__}" for x in xs})
-        raise TypeError(f"Multiple namespaces for array types: {kinds}")
-    return own
-
-
-def namespace_of(leaves: Sequence[Any], *, argument: str = "params") -> Any:
-    """The Array API namespace shared by `leaves`, or a `ParamsError` naming `argument`."""
-    if not leaves:
-        raise ParamsError(f"`{argument}` must contain at least one array. Received an empty tree.")
-    kinds = {type(leaf) for leaf in leaves}
-    if len(kinds) == 1 and array_api_compat.is_array_api_obj(leaves[0]):
-        return array_api_compat.array_namespace(leaves[0])  # the common case, checked once
-    for leaf in leaves:
-        if not is_array(leaf):
-            raise ParamsError(
-                f"Every leaf of `{argument}` must be an array of an Array API library "
-                f"(NumPy, PyTorch, JAX, CuPy, array-api-strict, ...). Received a leaf {describe(leaf)}."
-                + _jax_node_hint(leaf)
-            )
-    try:
-        return array_namespace(*leaves)
-    except TypeError as err:
-        kinds = sorted({f"{type(leaf).__module__}.{type(leaf).__qualname__}" for leaf in leaves})
-        raise ParamsError(
-            f"All leaves of `{argument}` must come from one array library. Received leaves of types {kinds}."
-        ) from err
-
-
-def _jax_node_hint(leaf: Any) -> str:
-    """A hint for a JAX pytree node that optree does not know (an equinox module, a flax
-    ``FrozenDict`` or nnx ``State``, a registered dataclass)."""
-    jax = sys.modules.get("jax")
-    if jax is None or array_api_compat.is_array_api_obj(leaf):
-        return ""
-    try:
-        children = jax.tree_util.tree_leaves(leaf)
-    except Exception:  # pragma: no cover - any failure just means no hint
-        return ""
-    if len(children) == 1 and children[0] is leaf:
-        return ""  # a leaf to JAX too
-    return (" It is a JAX pytree node, which gradnorm's core does not flatten: use gradnorm.jax.step "
-            "(it flattens with jax.tree_util), or pass jax.tree_util.tree_leaves(params).")
 
 
 def _is_one(x: Any) -> bool:
@@ -174,6 +107,10 @@ class PerLeaf:
 
     def __setattr__(self, key: str, value: Any) -> None:
         raise AttributeError("PerLeaf is immutable")
+
+    def __reduce__(self) -> Any:
+        # pickle and deepcopy without __setattr__ (immutable)
+        return (_restore_per_leaf, (self.values, self.factor, self.treedef))
 
     def __len__(self) -> int:
         return len(self.values)
@@ -251,11 +188,63 @@ class PerLeaf:
         return f"PerLeaf({list(self.values)!r}, factor={self.factor!r})"
 
 
+def _restore_per_leaf(values: tuple[Any, ...], factor: Any, treedef: Any) -> PerLeaf:
+    out = PerLeaf._make(values, factor)
+    object.__setattr__(out, "treedef", treedef)
+    return out
+
+
 def per_leaf(s: Any, n: int) -> Any:
     """An iterable of the scalar each of `n` leaves gets from `s` (a PerLeaf or one scalar)."""
     if isinstance(s, PerLeaf):
         return s.leaf_values()
     return itertools.repeat(s, n)
+
+
+_UNSET: Any = object()
+_BOUNDS: dict[Any, float | None] = {}  # (namespace, scalar dtype or float, leaf dtype) -> saturation bound or None
+
+
+def finite_max(xp: Any, dtype: Any) -> float:
+    """The largest finite value of the floating-point `dtype` (``xp.finfo``; a TensorFlow ``DType``,
+    whose namespace has no ``finfo``, knows it itself)."""
+    finfo = getattr(xp, "finfo", None)
+    return float(finfo(dtype).max) if finfo is not None else float(dtype.max)
+
+
+def saturation_bound(xp: Any, src: Any, dst: Any) -> float | None:
+    """The largest finite value of `dst` if a floating scalar of dtype `src` (``float`` for a Python
+    number) can exceed it, else None: where casting a scalar to a leaf's dtype narrows the range.
+
+    `ArrayOps` clips a scalar to ``[-bound, bound]`` before it casts it, so that a scalar too large
+    for the leaf dtype saturates at the largest finite value instead of becoming ``inf``
+    (``rho / (||g|| + 1e-12)`` at a zero gradient is 5e10, ``inf`` in float16, and ``inf * 0``
+    is NaN). Only narrowing casts pay: float64 to float32, float32 to float16 or bfloat16. Cached
+    per dtype pair."""
+    key = (xp, src, dst)  # the namespace first: dtypes of different libraries are never compared
+    try:
+        bound = _BOUNDS.get(key, _UNSET)
+    except TypeError:  # an unhashable dtype: not cached
+        key, bound = None, _UNSET
+    if bound is _UNSET:
+        bound = None
+        try:
+            if xp.isdtype(dst, "real floating") and (src is float or xp.isdtype(src, "real floating")):
+                top_src = sys.float_info.max if src is float else finite_max(xp, src)
+                top_dst = finite_max(xp, dst)
+                bound = top_dst if top_src > top_dst else None
+        except (TypeError, ValueError, AttributeError):  # not a floating dtype of `xp`: nothing to clip
+            bound = None
+        if key is not None:
+            _BOUNDS[key] = bound
+    return bound
+
+
+def saturate_number(s: Any, bound: float | None) -> Any:
+    """The Python number `s` clipped to ``[-bound, bound]`` (NaN is kept)."""
+    if bound is not None and abs(s) > bound:
+        return math.copysign(bound, s)
+    return s
 
 
 class ArrayOps:
@@ -267,6 +256,16 @@ class ArrayOps:
     accumulated in float64, and bf16/fp16 trees stay in their dtype. Reductions (`vdot`,
     `norm`) accumulate in float32 at least (float64 if any leaf is float64), so a half
     precision tree does not overflow its norm.
+
+    A scalar saturates at the leaf dtype's largest finite value: where the cast to the leaf's
+    dtype narrows the range (a float32 scalar and a float16 or bfloat16 leaf, a float64 scalar and
+    a float32 leaf, a Python number and anything but float64), the scalar is clipped to that
+    dtype's finite range first (`saturation_bound`). So a scalar that is finite where it was
+    computed never becomes ``inf`` in the leaf's dtype, and ``s * 0`` stays 0: at a zero gradient,
+    ``rho / (||g|| + norm_eps)`` is 5e10 in float32 and 65504 in a float16 leaf, not ``inf``
+    (whose product with the zero gradient would be NaN). NaN stays NaN. Values inside the range,
+    and every cast that does not narrow (float32 scalars with float32 leaves, anything with float64
+    leaves), are unchanged bit for bit.
     """
 
     def __init__(self, xp: Any):
@@ -274,11 +273,21 @@ class ArrayOps:
 
     # -- scalars -------------------------------------------------------------------------
     def _cast(self, s: Scalar, leaf: Any) -> Scalar:
-        if isinstance(s, (int, float)):
+        # type(), not isinstance: a NumPy float64 scalar (the result of arithmetic on 0-d NumPy
+        # arrays) is a Python float subclass but has a dtype, which NumPy would promote with
+        if type(s) is float or type(s) is int:
+            return saturate_number(s, saturation_bound(self.xp, float, leaf.dtype))
+        dtype = s.dtype
+        if dtype == leaf.dtype:
             return s
-        if s.dtype == leaf.dtype:
-            return s
+        bound = saturation_bound(self.xp, dtype, leaf.dtype)
+        if bound is not None:
+            s = self.xp.clip(s, -bound, bound)
         return self.xp.astype(s, leaf.dtype)
+
+    def acc_dtype(self, leaves: Leaves) -> Any:
+        """The accumulation dtype of reductions over `leaves`: float64 if any leaf is, else float32."""
+        return self._acc_dtype(leaves)
 
     def _acc_dtype(self, leaves: Leaves) -> Any:
         xp = self.xp
@@ -342,21 +351,6 @@ class ArrayOps:
         """Global L2 norm over all leaves."""
         return self.xp.sqrt(self.vdot(x, x))
 
-    def weighted_norm(self, w: Leaves, x: Leaves) -> Any:
-        """`|| w * x ||` without keeping `w * x`."""
-        return self.norm(self.mul(w, x))
-
-    def count_below(self, x: Leaves, tol: float) -> Any:
-        """Fraction of all entries with `|x| < tol` (0-d, accumulation dtype)."""
-        xp = self.xp
-        below = None
-        total = 0
-        for a in x:
-            part = xp.count_nonzero(xp.abs(a) < tol)
-            below = part if below is None else below + part
-            total += array_api_compat.size(a) or 0
-        return xp.astype(below, self._acc_dtype(x)) / max(total, 1)
-
     def all_finite(self, x: Leaves) -> Any:
         """Whether every entry of every leaf is finite (a 0-d boolean array). Unlike a norm,
         it cannot overflow."""
@@ -366,10 +360,3 @@ class ArrayOps:
             part = xp.all(xp.isfinite(a))
             out = part if out is None else xp.logical_and(out, part)
         return out if out is not None else xp.asarray(True)
-
-    def isfinite(self, s: Any) -> Any:
-        return self.xp.isfinite(s)
-
-    def where(self, cond: Any, s: Any, t: Any) -> Any:
-        """Scalar select on 0-d arrays, traceable (no Python branch on data)."""
-        return self.xp.where(cond, s, t)

@@ -187,27 +187,3 @@ from conformance.reference import (  # noqa: E402,F401  (the rule math lives wit
     ref_sgd,
     reference,
 )
-
-
-# --------------------------------------------------------------------------------------------
-# Rule settings the adapters' tests run (every rule and its variants)
-# --------------------------------------------------------------------------------------------
-
-ADAPTER_SETTINGS = [
-    ("sgd", {}),
-    ("sam", {"rho": 0.05}),
-    ("sam", {"rho": 0.5, "adaptive": True, "eta": 0.01}),
-    ("gnp", {"r": 0.05, "alpha": 0.8}),
-    ("gnp", {"r": 0.05, "alpha": 0.5, "mix_unit_gradient": True}),
-    ("gr", {"gamma": 0.1}),
-    ("gr", {"gamma": 0.1, "penalty": "norm"}),
-    ("fd_gr", {"gamma": 0.1, "eps": 0.01}),
-    ("fd_gr", {"gamma": 0.1, "eps": 0.5, "difference": "central", "normalize": True}),
-    ("gam", {}),
-    ("gam", {"adaptive": True, "variant": "paper"}),
-    ("flooding", {"b": 5.0}),
-    ("flooding", {"b": 0.01}),
-    ("coherent", {"lam": 0.1, "threshold": 0.0}),
-    ("coherent", {"lam": 0.3, "threshold": -1.0, "penalty": "l1", "delay": 1}),
-]
-ADAPTER_IDS = [f"{r}-{'-'.join(f'{k}={v}' for k, v in h.items())}" for r, h in ADAPTER_SETTINGS]

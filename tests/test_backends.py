@@ -24,6 +24,7 @@ import optree
 import pytest
 
 import gradnorm
+from conformance.settings import settings
 
 # --------------------------------------------------------------------------------------
 # problems, written against the Array API
@@ -103,38 +104,16 @@ def problem_fns(name: str, data: dict[str, Any]) -> tuple[Callable, Callable]:
 # rules
 
 
-CASES: list[tuple[str, dict[str, Any]]] = [
-    ("sgd", {}),
-    ("sam", {"rho": 0.1}),
-    ("sam", {"rho": 0.5, "adaptive": True, "eta": 0.01}),
-    ("gnp", {"r": 0.1, "alpha": 0.8}),
-    ("gnp", {"r": 0.1, "alpha": 0.8, "mix_unit_gradient": True}),
-    ("gr", {"gamma": 0.1}),
-    ("gr", {"gamma": 0.1, "penalty": "norm"}),
-    ("fd_gr", {"gamma": 0.1, "eps": 0.05}),
-    ("fd_gr", {"gamma": 0.1, "eps": 0.05, "difference": "backward", "normalize": True}),
-    ("fd_gr", {"gamma": 0.1, "eps": 0.05, "difference": "central"}),
-    ("gam", {}),
-    ("gam", {"variant": "paper", "adaptive": True}),
-    ("flooding", {"b": -1.0}),  # loss above the level: descent
-    ("flooding", {"b": 100.0}),  # loss below the level: ascent
-    ("coherent", {"lam": 0.1, "threshold": -1.0}),  # gate open
-    ("coherent", {"lam": 0.1, "threshold": 1.0}),  # gate closed
-    ("coherent", {"lam": 0.1, "penalty": "l1", "threshold": -1.0, "delay": 1}),  # opens on the 2nd step
-]
+# every rule and its variants (conformance/settings.py): flooding's levels put the loss above
+# (descent) and below (ascent) them, coherent's thresholds keep the gate open, closed, and open it
+# on the second step
+CASES: list[tuple[str, dict[str, Any]]] = settings("backends")
 
 # at a zero gradient, every setting with a norm that divides
-ZERO_GRAD_CASES = CASES + [
-    ("gnp", {"r": 0.1, "alpha": 0.5, "mix_unit_gradient": True, "norm_eps": 1e-12}),
-    ("fd_gr", {"gamma": 0.1, "eps": 0.05, "normalize": True}),
-    ("fd_gr", {"gamma": 0.1, "eps": 0.05, "difference": "central", "normalize": True}),
-    ("gam", {"adaptive": True}),
-    ("gam", {"variant": "paper"}),
-    ("coherent", {"lam": 0.1, "threshold": 0.0}),
-]
+ZERO_GRAD_CASES = CASES + settings("backends_zero_grad")
 
 # one setting per rule, for the slower jit test
-JIT_CASES = [CASES[i] for i in (0, 2, 3, 6, 9, 11, 13, 16)]
+JIT_CASES = settings("backends_jit")
 
 
 def _case_id(case: tuple[str, dict[str, Any]]) -> str:

@@ -24,24 +24,15 @@ from gradnorm import (
     ParamsError,
     UnknownRuleError,
 )
+from conformance.settings import valid_settings
 from gradnorm import rules
 
 # ---------------------------------------------------------------------------------------
 # helpers
 
-ALL_RULES = ["sgd", "sam", "gnp", "gr", "fd_gr", "gam", "flooding", "coherent"]
-
-# A valid hyperparameter set for each rule.
-VALID = {
-    "sgd": {},
-    "sam": {"rho": 0.05},
-    "gnp": {"r": 0.1, "alpha": 0.8},
-    "gr": {"gamma": 0.1},
-    "fd_gr": {"gamma": 0.1, "eps": 0.01},
-    "gam": {},
-    "flooding": {"b": 0.1},
-    "coherent": {"lam": 0.1, "threshold": 0.0},
-}
+# A valid hyperparameter set for each rule (conformance/settings.py), and every rule.
+VALID = valid_settings()
+ALL_RULES = list(VALID)
 
 
 def make_params():

@@ -22,6 +22,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import gradnorm
+from conformance.settings import zero_settings
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -215,6 +216,17 @@ ARRAY_CONFIGS = zero_strength_configs(ARRAY_ZERO)
 
 def _rule_name(case: str) -> str:
     return case.split("(")[0]
+
+
+def test_zero_strength_configs_cover_every_rule_with_a_strength():
+    """Every rule whose zero-strength setting in conformance/settings.py sets a strength to zero
+    has hypothesis configs here (sgd has no strength; flooding's is a level, checked below)."""
+    with_strength = {
+        rule for rule, hyper in zero_settings()
+        if any(isinstance(v, float) and v == 0.0 for v in hyper.values())
+    }
+    assert with_strength <= {_rule_name(case) for case in STATIC_CONFIGS}
+    assert with_strength <= {_rule_name(case) for case in ARRAY_CONFIGS}
 
 
 @pytest.mark.parametrize("case", sorted(STATIC_CONFIGS))

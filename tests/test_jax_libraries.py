@@ -15,16 +15,10 @@ optax = pytest.importorskip("optax")
 
 import gradnorm
 import gradnorm.jax as gj
+from conformance.settings import settings
 from tests._jax import full_float32_matmuls, x64  # noqa: F401  (the fixture is autouse)
 
-SETTINGS = [
-    ("sam", {"rho": 0.05}),
-    ("gnp", {"r": 0.05, "alpha": 0.5}),
-    ("gr", {"gamma": 0.1}),
-    ("fd_gr", {"gamma": 0.1, "eps": 0.01, "difference": "central"}),
-    ("gam", {}),
-    ("coherent", {"lam": 0.3, "threshold": -1.0, "penalty": "l1"}),
-]
+SETTINGS = settings("jax_libraries")  # the rules that perturb or regularize (conformance/settings.py)
 IDS = [r for r, _ in SETTINGS]
 
 

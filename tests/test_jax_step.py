@@ -22,9 +22,11 @@ import gradnorm
 import gradnorm.jax as gj
 from conformance.problems import PROBLEMS
 from conformance.reference import FlatProblem, reference
+from conformance.settings import adapter_ids, adapter_settings
 from tests._jax import COMPILES, full_float32_matmuls, x64  # noqa: F401  (the fixture is autouse)
-from tests._reference import ADAPTER_IDS as IDS
-from tests._reference import ADAPTER_SETTINGS as SETTINGS
+
+SETTINGS = adapter_settings()  # every rule and its variants (conformance/settings.py)
+IDS = adapter_ids()
 
 # --------------------------------------------------------------------------------------------
 # problems

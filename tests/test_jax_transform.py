@@ -21,19 +21,10 @@ import gradnorm
 import gradnorm.jax as gj
 from conformance.problems import PROBLEMS
 from conformance.reference import FlatProblem, reference
+from conformance.settings import ids, settings
 
-SETTINGS = [
-    ("sgd", {}),
-    ("sam", {"rho": 0.05}),
-    ("sam", {"rho": 0.5, "adaptive": True, "eta": 0.01}),
-    ("gnp", {"r": 0.05, "alpha": 0.8}),
-    ("gr", {"gamma": 0.1}),
-    ("fd_gr", {"gamma": 0.1, "eps": 0.5, "difference": "central", "normalize": True}),
-    ("gam", {}),
-    ("flooding", {"b": 5.0}),
-    ("coherent", {"lam": 0.3, "threshold": -1.0, "penalty": "l1"}),
-]
-IDS = [f"{r}-{'-'.join(f'{k}={v}' for k, v in h.items())}" for r, h in SETTINGS]
+SETTINGS = settings("jax_transform")  # one or two variants per rule (conformance/settings.py)
+IDS = ids(SETTINGS)
 
 from tests._jax import COMPILES, full_float32_matmuls, x64  # noqa: F401  (the fixture is autouse)
 

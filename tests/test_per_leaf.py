@@ -206,8 +206,8 @@ def test_torch_groups_with_equal_values_take_the_scalar_path():
     import gradnorm.torch as gt
 
     opt, _, _ = _group_optimizer("sam", {}, "rho", [0.05] * N_LEAVES)
-    opt._rule_for_step(opt._params())
-    assert opt._rule_for_step(opt._params()) == gradnorm.rules.SAM(rho=0.05)
+    opt._groups.for_step(opt.param_groups, opt._params())
+    assert opt._groups.for_step(opt.param_groups, opt._params()) == gradnorm.rules.SAM(rho=0.05)
     plain = gt.Optimizer([torch.zeros(2, requires_grad=True)], torch.optim.SGD, rule="sam", rho=0.05, lr=0.1)
     assert plain.param_groups[0]["rho"] == 0.05  # every group carries the value, as it carries lr
 
@@ -237,7 +237,7 @@ def test_torch_base_argument_of_the_same_name_stays_the_base_optimizers():
     w = torch.ones(3, requires_grad=True)
     opt = gt.Optimizer([w], torch.optim.RMSprop, rule="gnp", r=0.1, alpha=0.8, lr=0.01)
     assert opt.param_groups[0]["alpha"] == 0.99  # RMSprop's default
-    assert opt._rule_for_step(opt._params()).alpha == 0.8
+    assert opt._groups.for_step(opt.param_groups, opt._params()).alpha == 0.8
 
 
 def test_torch_groups_match_pytorch_optimizer_sam_with_per_group_rho():

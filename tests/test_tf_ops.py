@@ -1,5 +1,7 @@
 """gradnorm.tf's array namespace and TFOps: the same numbers as NumPy and as the generic ArrayOps,
-dtypes kept, inputs untouched, nothing global changed in TensorFlow."""
+dtypes kept, inputs untouched, nothing global changed in TensorFlow; coherent's sparsity
+(``fraction_below``) through TFOps equals a NumPy count; scalars too large for a leaf's dtype
+saturate, also under tf.function."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import pytest
 
 import gradnorm
 from gradnorm import _tree
+from gradnorm.rules._coherent import fraction_below
 
 tf = pytest.importorskip("tensorflow")
 gt = pytest.importorskip("gradnorm.tf")
@@ -102,16 +105,67 @@ def test_tfops_equals_arrayops(dtypes, scalar):
             assert g.dtype == leaf.dtype, (name, g.dtype, leaf.dtype)
             tol = 1e-3 if leaf.dtype == tf.float16 else 1e-6
             np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=tol, atol=tol)
-    for name, args in [("vdot", (x, y)), ("norm", (x,)), ("weighted_norm", (y, x))]:
+    acc = tf.float64 if wide or dtypes[0] == "float64" else tf.float32
+    for name, args in [("vdot", (x, y)), ("norm", (x,))]:
         got, want = getattr(ops, name)(*args), getattr(ref, name)(*args)
-        assert got.dtype == (tf.float64 if wide or dtypes[0] == "float64" else tf.float32)
+        assert got.dtype == acc
         np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
     norm_np = np.sqrt(sum(float(np.sum(a.astype(np.float64) ** 2)) for a in x_np))
     np.testing.assert_allclose(float(ops.norm(x)), norm_np, rtol=1e-5)
-    assert float(ops.count_below(x, 0.5)) == pytest.approx(sum(int(np.sum(np.abs(a) < 0.5)) for a in x_np) / 11)
+    for tol in (0.0, 0.5, tf.constant(0.5, tf.float64), 10.0):
+        frac = fraction_below(x, tol, ops)
+        assert frac.dtype == acc
+        assert float(frac) == pytest.approx(_numpy_fraction_below(x_np, float(tol)), rel=1e-7, abs=0.0)
     assert bool(ops.all_finite(x)) and not bool(ops.all_finite([*x[:2], tf.constant(np.inf, x[2].dtype)]))
     for a, before in zip(x, x_before):
         np.testing.assert_array_equal(a.numpy(), before)
+
+
+def _numpy_fraction_below(leaves, tol):
+    """The fraction of entries with |x| < tol, counted in NumPy float64 with `tol` rounded to each leaf's
+    dtype first (TensorFlow compares in the leaf's dtype)."""
+    count = sum(int(np.count_nonzero(np.abs(a.astype(np.float64)) < float(np.asarray(tol, a.dtype)))) for a in leaves)
+    return count / sum(a.size for a in leaves)
+
+
+def test_fraction_below_at_the_threshold_matches_numpy():
+    """|x| == tol is not below; the next number down is; nan and inf never are."""
+    ops = gt.TFOps()
+    tol = 1e-3
+    for dtype in (np.float64, np.float32, np.float16):
+        t = np.asarray(tol, dtype)
+        below = np.nextafter(t, dtype(0))
+        leaf = np.asarray([t, -t, below, -below, np.nan, np.inf, -np.inf, 0.0], dtype)
+        for leaves in ([leaf], [leaf, np.asarray(1e-5, dtype)]):
+            want = _numpy_fraction_below(leaves, tol)
+            assert want == (3 + len(leaves) - 1) / sum(a.size for a in leaves)
+            for tolerance in (tol, tf.constant(tol, tf.float64)):
+                got = fraction_below([tf.constant(a) for a in leaves], tolerance, ops)
+                assert float(got) == pytest.approx(want, rel=1e-7, abs=0.0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_tfops_scalars_saturate_at_the_leaf_dtype_range(dtype):
+    """`rho / (||g|| + 1e-12)` at a zero gradient (5e10 in float32) times a zero leaf is 0, never NaN,
+    eagerly and inside tf.function, where Grappler reassociates products of scalars."""
+    ops = gt.TFOps()
+    dt = getattr(tf, dtype)
+    zeros = [tf.zeros([3], dt), tf.zeros([], dt)]
+    t = [tf.constant([2.0, -2.0, 4.0], dt), tf.constant(3.0, dt)]
+
+    def run(norm):
+        s = 0.05 / (norm + 1e-12)
+        u = ops.mul(t, ops.mul(t, zeros))  # ASAM's T * T * g: a product chain Grappler reorders
+        return ops.scale(s, u), ops.axpy(s, u, t), ops.lincomb(s, u, 1.0, t), ops.scale(1e300, zeros)
+
+    for fn in (run, tf.function(run)):
+        for out in fn(tf.constant(0.0)):
+            for o in out:
+                assert o.dtype == dt and not np.isnan(o.numpy().astype(np.float64)).any()
+    v = [tf.Variable(a) for a in t]
+    tf.function(lambda s: ops.assign_axpy(s, zeros, v))(tf.constant(5e10))
+    for var, a in zip(v, t):
+        np.testing.assert_array_equal(var.numpy(), a.numpy())
 
 
 def test_tfops_under_tf_function_and_in_place_axpy():
@@ -122,7 +176,7 @@ def test_tfops_under_tf_function_and_in_place_axpy():
     @tf.function
     def f(s):
         ops.assign_axpy(s, d, v)
-        return ops.norm(d), ops.count_below(d, 1.0)
+        return ops.norm(d), fraction_below(d, 1.0, ops)
 
     norm, frac = f(tf.constant(2.0))
     np.testing.assert_allclose(v[0].numpy(), [2.0, 0.0])

@@ -16,8 +16,10 @@ gt = pytest.importorskip("gradnorm.tf")
 MLP = PROBLEMS["mlp"]  # a 4-8-6-3 tanh perceptron with hand-written NumPy gradient and HVP
 LAYERS = ("hidden1", "hidden2", "out")
 
-from tests._reference import ADAPTER_IDS as IDS  # noqa: E402
-from tests._reference import ADAPTER_SETTINGS as SETTINGS  # noqa: E402
+from conformance.settings import adapter_ids, adapter_settings  # noqa: E402
+
+SETTINGS = adapter_settings()  # every rule and its variants (conformance/settings.py)
+IDS = adapter_ids()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,19 +10,10 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 import gradnorm.torch as gt  # noqa: E402
+from conformance.settings import ids, settings  # noqa: E402
 
-RULES = [
-    ("sgd", {}),
-    ("sam", {"rho": 0.05}),
-    ("sam", {"rho": 0.5, "adaptive": True, "eta": 0.01}),
-    ("gnp", {"r": 0.05, "alpha": 0.8}),
-    ("fd_gr", {"gamma": 0.05, "eps": 0.01, "difference": "central", "normalize": True}),
-    ("gam", {}),
-    ("flooding", {"b": 0.5}),
-    ("coherent", {"lam": 0.1, "threshold": 0.0, "delay": 1}),
-    ("gr", {"gamma": 0.05}),
-]
-IDS = [f"{r}-{'-'.join(f'{k}={v}' for k, v in h.items())}" for r, h in RULES]
+RULES = settings("torch_cuda")  # every rule (conformance/settings.py)
+IDS = ids(RULES)
 
 
 def problem(device, dtype=torch.float32):

@@ -12,8 +12,10 @@ torch = pytest.importorskip("torch")
 
 import gradnorm
 import gradnorm.torch as gt
-from tests._reference import ADAPTER_IDS as IDS
-from tests._reference import ADAPTER_SETTINGS as SETTINGS
+from conformance.settings import adapter_ids, adapter_settings
+
+SETTINGS = adapter_settings()  # every rule and its variants (conformance/settings.py)
+IDS = adapter_ids()
 
 # --------------------------------------------------------------------------------------------
 # problems

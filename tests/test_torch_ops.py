@@ -3,8 +3,10 @@
 Every method equals ``ArrayOps(array_api_compat.torch)`` up to rounding on lists of several
 shapes (0-d and non-contiguous leaves included) in float64, float32, bfloat16, float16 and
 mixed-dtype lists, with Python-number and 0-d tensor scalars; inputs are never mutated;
-dtypes and devices are kept; nothing is read back to the host; every rule gives the same
-direction, info and state through it as through the default ops.
+dtypes and devices are kept; nothing is read back to the host; coherent's sparsity
+(``gradnorm.rules._coherent.fraction_below``) through it equals a NumPy count; scalars too large
+for a leaf's dtype saturate instead of overflowing; every rule gives the same direction, info and
+state through it as through the default ops.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import math
 
 import array_api_compat
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -20,7 +23,9 @@ torch = pytest.importorskip("torch")
 import gradnorm  # noqa: E402
 from gradnorm import ArrayOps, PerLeaf  # noqa: E402
 from gradnorm.torch import TorchForeachOps  # noqa: E402
+from gradnorm.rules._coherent import fraction_below  # noqa: E402
 from gradnorm.torch import _ops  # noqa: E402
+from conformance.settings import settings  # noqa: E402
 
 XP = array_api_compat.array_namespace(torch.empty(0))
 
@@ -181,40 +186,55 @@ def test_reductions_match_array_ops(dtypes):
     assert_scalar_close(fast.vdot(x, x), ref.vdot(x, x), 8 * eps(acc) * norm_x**2)
     # the error of a dot product scales with sum |x_i y_i| <= ||x|| ||y||, not with the result
     assert_scalar_close(fast.vdot(x, y), ref.vdot(x, y), 8 * eps(acc) * math.sqrt(n) * norm_x * norm_y)
-    wx = float(ref.weighted_norm(w, x))
-    assert_scalar_close(fast.weighted_norm(w, x), ref.weighted_norm(w, x), 4 * eps(x[0].dtype) * (wx + 1))
     for tol in (0.0, 0.05, 0.5, 1.0, 10.0):
-        assert_scalar_close(fast.count_below(x, tol), ref.count_below(x, tol), 8 * eps(acc))
-    for result in (fast.norm(x), fast.vdot(x, y), fast.count_below(x, 0.5)):
+        want = numpy_fraction_below(x, tol)
+        for ops in (fast, ref):
+            got = fraction_below(x, tol, ops)
+            assert got.dtype == acc and got.device == x[0].device
+            assert float(got) == pytest.approx(want, rel=8 * eps(acc), abs=0.0)
+    for result in (fast.norm(x), fast.vdot(x, y)):
         assert result.dtype == acc and result.device == x[0].device
     assert_unchanged(before, [x, y, w])
 
 
+def numpy_fraction_below(leaves, tol):
+    """The fraction of entries with |x| < tol, counted in NumPy float64, with `tol` rounded to each
+    leaf's dtype first (a comparison with a Python number happens in the tensor's dtype)."""
+    count, size = 0, 0
+    for leaf in leaves:
+        threshold = float(torch.tensor(float(tol), dtype=leaf.dtype)) if not isinstance(tol, torch.Tensor) else float(tol.to(leaf.dtype))
+        values = leaf.detach().double().numpy()
+        count += int(np.count_nonzero(np.abs(values) < threshold))
+        size += values.size
+    return count / max(size, 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_scalar_operations_match_array_ops(dtype):
+def test_scalar_matches_array_ops(dtype):
     fast, ref = ops_pair()
     x = make_leaves([dtype] * 5, 0)
     like = fast.scalar(2.5, x)
     assert like.dtype == ref.scalar(2.5, x).dtype and like.shape == () and float(like) == 2.5
-    s = torch.tensor([1.0, float("inf"), float("nan")], dtype=dtype)
-    for a in s:
-        assert torch.equal(fast.isfinite(a), ref.isfinite(a))
-        assert torch.equal(fast.where(fast.isfinite(a), a, like.to(dtype)), ref.where(ref.isfinite(a), a, like.to(dtype)))
 
 
-def test_count_below_at_the_threshold_matches_array_ops():
-    """|x| == tol is not below; the next number down is; nan never is (every dtype)."""
+def test_fraction_below_at_the_threshold_matches_numpy():
+    """|x| == tol is not below; the next number down is; nan and inf never are (every dtype, a
+    Python-number and a float64 0-d tensor tolerance)."""
     fast, ref = ops_pair()
     tol = 1e-3
     for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         t = torch.tensor(tol, dtype=dtype)
-        below = torch.nextafter(t.double(), torch.tensor(0.0, dtype=torch.float64)).to(dtype)
-        leaf = torch.stack([t, -t, below, -below, torch.tensor(float("nan"), dtype=dtype), torch.tensor(float("inf"), dtype=dtype), torch.zeros((), dtype=dtype)])
+        below = torch.nextafter(t, torch.zeros_like(t))  # the next number down, in the dtype
+        assert below < t
+        nan, inf = torch.tensor(float("nan"), dtype=dtype), torch.tensor(float("inf"), dtype=dtype)
+        leaf = torch.stack([t, -t, below, -below, nan, inf, -inf, torch.zeros((), dtype=dtype)])
         for x in ([leaf], [leaf, torch.ones((), dtype=dtype) * 1e-5]):
-            got, want = fast.count_below(x, tol), ref.count_below(x, tol)
-            assert_scalar_close(got, want, 1e-7)
-        tensor_tol = torch.tensor(tol, dtype=torch.float64)
-        assert_scalar_close(fast.count_below([leaf], tensor_tol), ref.count_below([leaf], tensor_tol), 1e-7)
+            for tolerance in (tol, torch.tensor(tol, dtype=torch.float64)):
+                want = numpy_fraction_below(x, tolerance)
+                assert want == (3 + len(x) - 1) / sum(a.numel() for a in x)  # below, -below, 0 (and 1e-5)
+                for ops in (fast, ref):
+                    got = fraction_below(x, tolerance, ops)
+                    assert got.dtype == acc_dtype(x) and float(got) == pytest.approx(want, rel=1e-7, abs=0.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -230,8 +250,9 @@ def test_special_values_match_array_ops(dtype):
     assert torch.isnan(got[0][0]) and torch.isnan(got[1])
     for name, args in [("abs", (x,)), ("add", (x, y)), ("mul", (x, y)), ("axpy", (2.0, x, y)), ("scale", (0.5, x))]:
         assert_leaves_close(getattr(fast, name)(*args), getattr(ref, name)(*args), 1.0)
-    for name, args in [("norm", (x,)), ("vdot", (x, y)), ("vdot", (y, y)), ("count_below", (x, 1.0))]:
+    for name, args in [("norm", (x,)), ("vdot", (x, y)), ("vdot", (y, y))]:
         assert_scalar_close(getattr(fast, name)(*args), getattr(ref, name)(*args), 1e-6)
+    assert float(fraction_below(x, 1.0, fast)) == pytest.approx(numpy_fraction_below(x, 1.0), rel=1e-7)
     assert torch.isinf(fast.norm([special[1:3]]))
 
 
@@ -245,8 +266,9 @@ def test_zero_size_and_all_zero_dimensional_leaves():
         y = [t + 1 for t in x]
         for name, args in [("add", (x, y)), ("axpy", (torch.tensor(2.0), x, y)), ("sign", (x,)), ("lincomb", (1.0, x, torch.tensor(0.5), y))]:
             assert_leaves_close(getattr(fast, name)(*args), getattr(ref, name)(*args), 10.0)
-        for name, args in [("norm", (x,)), ("vdot", (x, y)), ("count_below", (x, 3.5))]:
+        for name, args in [("norm", (x,)), ("vdot", (x, y))]:
             assert_scalar_close(getattr(fast, name)(*args), getattr(ref, name)(*args), 1e-6)
+        assert float(fraction_below(x, 3.5, fast)) == pytest.approx(numpy_fraction_below(x, 3.5), rel=1e-7)
 
 
 def test_empty_lists():
@@ -254,7 +276,7 @@ def test_empty_lists():
     for name, args in [("add", ([], [])), ("scale", (2.0, [])), ("axpy", (torch.tensor(1.0), [], [])),
                        ("lincomb", (1.0, [], 2.0, [])), ("sign", ([],)), ("add_scalar", ([], 1.0))]:
         assert getattr(fast, name)(*args) == []
-    for name, args in [("norm", ([],)), ("vdot", ([], [])), ("count_below", ([], 0.1)), ("weighted_norm", ([], []))]:
+    for name, args in [("norm", ([],)), ("vdot", ([], []))]:
         out = getattr(fast, name)(*args)
         assert out.shape == () and out.dtype == torch.float32 and float(out) == 0.0
 
@@ -307,7 +329,6 @@ def test_older_pytorch_fallback_for_sums_of_squares(monkeypatch):
         acc = acc_dtype(x)
         assert_scalar_close(fast.norm(x), ref.norm(x), 16 * eps(acc) * float(ref.norm(x)))
         assert_scalar_close(fast.vdot(x, y), ref.vdot(x, y), 32 * eps(acc) * float(ref.norm(x)) * float(ref.norm(y)))
-        assert_scalar_close(fast.count_below(x, 0.5), ref.count_below(x, 0.5), 8 * eps(acc))
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,8 +355,8 @@ def test_no_tensor_is_read_back_to_the_host(monkeypatch):
     fast = TorchForeachOps()
     with no_host_reads(monkeypatch):
         fast.scale(s, x), fast.axpy(s, x, y), fast.lincomb(s, x, s, y), fast.add_scalar(x, s)
-        fast.sign(x), fast.norm(x), fast.vdot(x, y), fast.weighted_norm(x, y), fast.count_below(x, 0.1)
-        fast.count_below(x, s)
+        fast.sign(x), fast.norm(x), fast.vdot(x, y), fraction_below(x, 0.1, fast)
+        fraction_below(x, s, fast)
         n = fast.norm(x)
         fast.scale(1.0 / (n + 1e-12), x)
     with pytest.raises(AssertionError, match="read back"), no_host_reads(monkeypatch):
@@ -355,7 +376,7 @@ def test_cuda_fused_paths_do_not_synchronize():
         n = fast.norm(x)
         s = 0.1 / (n + 1e-12)
         out = [fast.axpy(s, x, y), fast.lincomb(s, x, 0.5, y), fast.scale(cpu_scalar, x), fast.sign(x)]
-        reds = [fast.vdot(x, y), fast.count_below(x, 0.5), fast.weighted_norm(x, y)]
+        reds = [fast.vdot(x, y), fraction_below(x, 0.5, fast)]
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert_leaves_close(out[0], ref.axpy(s, x, y), 10.0)
@@ -368,24 +389,7 @@ def test_cuda_fused_paths_do_not_synchronize():
 # every rule through TorchForeachOps
 
 
-SETTINGS = [
-    ("sgd", {}),
-    ("sam", {"rho": 0.05}),
-    ("sam", {"rho": 0.5, "adaptive": True, "eta": 0.01}),
-    ("gnp", {"r": 0.05, "alpha": 0.8}),
-    ("gnp", {"r": 0.05, "alpha": 0.8, "mix_unit_gradient": True}),
-    ("gr", {"gamma": 0.1}),
-    ("gr", {"gamma": 0.1, "penalty": "norm"}),
-    ("fd_gr", {"gamma": 0.1, "eps": 0.01}),
-    ("fd_gr", {"gamma": 0.1, "eps": 0.01, "difference": "central", "normalize": True}),
-    ("fd_gr", {"gamma": 0.1, "eps": 0.02, "difference": "backward"}),
-    ("gam", {}),
-    ("gam", {"adaptive": True, "variant": "paper"}),
-    ("flooding", {"b": 10.0}),
-    ("flooding", {"b": 0.01}),
-    ("coherent", {"lam": 0.3, "threshold": 0.2, "penalty": "l1"}),
-    ("coherent", {"lam": 0.1, "threshold": -1.0, "delay": 1}),
-]
+SETTINGS = settings("torch_ops")  # every rule and its variants (conformance/settings.py)
 
 
 def problem(dtype=torch.float64):
@@ -464,20 +468,7 @@ def test_rules_give_the_same_steps_through_foreach_ops(rule, hyper):
         assert torch.equal(params[k], before[k])
 
 
-@pytest.mark.parametrize(
-    "rule,hyper",
-    [
-        ("sam", {"rho": 0.05}),
-        ("sam", {"rho": 0.5, "adaptive": True, "eta": 0.01}),
-        ("gnp", {"r": 0.05, "alpha": 0.8}),
-        ("gr", {"gamma": 0.1, "penalty": "norm"}),
-        ("fd_gr", {"gamma": 0.1, "eps": 0.01, "difference": "central"}),
-        ("gam", {"grad_gamma": 0.1}),
-        ("flooding", {"b": 0.5}),
-        ("coherent", {"lam": 0.1, "threshold": 0.0}),
-    ],
-    ids=lambda v: v if isinstance(v, str) else "",
-)
+@pytest.mark.parametrize("rule,hyper", settings("torch_ops_tensor"), ids=lambda v: v if isinstance(v, str) else "")
 @pytest.mark.parametrize("scalar_dtype", [torch.float64, torch.float32])
 def test_rules_with_tensor_hyperparameters(rule, hyper, scalar_dtype):
     """0-d tensor hyperparameters (schedules) take the arithmetic path: 0-d tensor scalars of
@@ -538,3 +529,54 @@ def test_all_finite_matches_array_ops_and_leaves_values_unchanged(dtypes):
     needs_grad = [t.clone().requires_grad_(True) for t in make_leaves([torch.float32] * 5, 3)]
     assert bool(fast.all_finite(needs_grad))  # the per-leaf path: such tensors must not be written
     assert bool(fast.all_finite([])) and bool(ref.all_finite([]))
+
+
+# --------------------------------------------------------------------------------------------
+# scalars too large for a leaf's dtype saturate (a zero gradient never gives NaN)
+
+
+@pytest.mark.parametrize("dtypes", ["float16", "bfloat16", "float32", "mixed"])
+@pytest.mark.parametrize("scalar", ["tensor32-huge", "tensor64-huge", "python-huge", "per-leaf-tensor-factor-huge"])
+def test_scalars_saturate_at_the_leaf_dtype_range(dtypes, scalar):
+    """`rho / (||g|| + 1e-12)` at a zero gradient is 5e10 in float32: a float16 leaf gets 65504, not inf,
+    so `s * 0` is 0 (every method, in place too, as ArrayOps); a nonzero entry gets the saturated
+    product, and NaN stays NaN."""
+    s = {
+        "tensor32-huge": lambda: torch.tensor(5e10, dtype=torch.float32),
+        "tensor64-huge": lambda: torch.tensor(-1e300, dtype=torch.float64),
+        "python-huge": lambda: 1e300,
+        "per-leaf-tensor-factor-huge": lambda: PerLeaf([0.05, 0.1, 1.0, 2.0, 0.5]) / torch.tensor(1e-12, dtype=torch.float32) ** 3,
+    }[scalar]()
+    dts = DTYPE_SETS[dtypes]
+    zeros = [torch.zeros_like(a) for a in make_leaves(dts, 0)]
+    y = make_leaves(dts, 1)
+    fast, ref = ops_pair()
+    for ops in (fast, ref):
+        for out in (ops.scale(s, zeros), ops.axpy(s, zeros, y), ops.lincomb(s, zeros, 1.0, y), ops.lincomb(1.0, y, s, zeros)):
+            for o, a in zip(out, y):
+                assert o.dtype == a.dtype and not torch.isnan(o).any(), (ops, o)
+        target = [t.clone() for t in y]
+        fast.axpy_(s, zeros, target)
+        for t, a in zip(target, y):
+            assert torch.equal(t, a)  # y + s * 0 is y
+    # a nonzero entry: the product of the saturated scalar, the same through both ops (a PerLeaf's
+    # values and factor saturate separately in TorchForeachOps, their product in ArrayOps)
+    x = make_leaves(dts, 2)
+    if not isinstance(s, PerLeaf):
+        assert_leaves_close(fast.scale(s, x), ref.scale(s, x), 10.0)
+    nan = [torch.full_like(a, float("nan")) for a in x]
+    assert all(torch.isnan(o).all() for o in fast.scale(s, nan))
+
+
+def test_scalars_in_range_are_unchanged_bit_for_bit():
+    """Saturation never touches a value inside the range, nor a cast that does not narrow it."""
+    fast, ref = ops_pair()
+    for dts in (DTYPE_SETS["float16"], DTYPE_SETS["bfloat16"], DTYPE_SETS["mixed"], DTYPE_SETS["float64"]):
+        x = make_leaves(dts, 0)
+        for s in (torch.tensor(0.37, dtype=torch.float32), torch.tensor(60000.0, dtype=torch.float32),
+                  torch.tensor(-1.3e38, dtype=torch.float64), 12345.0):
+            for ops in (fast, ref):
+                got = ops.scale(s, x)
+                for g, a in zip(got, x):
+                    want = (s if isinstance(s, float) else s.to(a.dtype)) * a
+                    assert torch.equal(g, want) or not torch.isfinite(want).all() and torch.equal(g.isnan(), want.isnan())

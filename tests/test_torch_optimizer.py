@@ -11,21 +11,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import gradnorm  # noqa: E402
+from conformance.settings import settings  # noqa: E402
 from gradnorm.torch import ClosureError, Optimizer  # noqa: E402
 
-SETTINGS = [
-    ("sgd", {}),
-    ("sam", {"rho": 0.05}),
-    ("sam", {"rho": 0.5, "adaptive": True, "eta": 0.01}),
-    ("gnp", {"r": 0.05, "alpha": 0.8}),
-    ("fd_gr", {"gamma": 0.05, "eps": 0.01}),
-    ("fd_gr", {"gamma": 0.05, "eps": 0.05, "difference": "central", "normalize": True}),
-    ("gam", {}),
-    ("flooding", {"b": 0.5}),
-    ("coherent", {"lam": 0.1, "threshold": 0.5, "delay": 1}),
-    ("gr", {"gamma": 0.05}),
-    ("gr", {"gamma": 0.05, "penalty": "norm"}),
-]
+SETTINGS = settings("torch_optimizer")  # every rule and its variants (conformance/settings.py)
 
 
 def make_problem(dtype=torch.float64, seed=0):

@@ -77,15 +77,16 @@ def get_backend(name: str) -> Backend:
         raise ValueError(f"`backend` must be one of {sorted(BACKENDS)}. Received: {name!r}.") from None
 
 
-_BUILTIN = ("numpy_core", "torch_core", "torch_adapter", "jax_core", "jax_adapter", "tf_core", "tf_adapter")
+_BUILTIN = ("numpy_core", "torch_core", "torch_adapter", "jax_core", "jax_adapter", "tf_adapter")
 
 
 def _register_builtin() -> None:
+    """Register the backends of every module in `_BUILTIN`. The modules import their framework only
+    inside their methods, so all of them import without it (a backend whose framework is missing is
+    reported by `Backend.unavailable_reason`); a module that fails to import raises."""
     import importlib
 
     for name in _BUILTIN:
-        if importlib.util.find_spec(f"{__name__}.{name}") is None:
-            continue  # a backend module not written yet; an existing one that fails to import raises
         for backend in importlib.import_module(f"{__name__}.{name}").BACKENDS:
             register(backend)
 

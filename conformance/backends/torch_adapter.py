@@ -71,12 +71,6 @@ class TorchFunctionalBackend(Backend):
     description = "gradnorm.torch.step (torch.func gradients, forward-over-reverse HVPs), torch.optim.SGD"
     requires = ("torch",)
 
-    def unavailable_reason(self) -> str | None:
-        reason = super().unavailable_reason()
-        if reason is None and not hasattr(__import__("gradnorm.torch").torch, "step"):
-            return "gradnorm.torch.step is not built yet"
-        return reason
-
     def _fns(self, problem: Problem, dtype: str, params: Any = None):
         data, xp, tree = _data_and_params(problem, dtype, params)
 

@@ -21,10 +21,12 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "gradnorm.jax needs JAX and optax: `pip install \"gradnorm[jax]\"` (or install jax for your platform, and optax)."
     ) from err
 
-from ._common import PERTURBATIONS, JaxOracle
+from .._errors import ClosureError
+from .._oracle import PERTURBATIONS
+from ._common import JaxOracle
 from ._ops import JaxOps
 from ._parallel import data_parallel_step
 from ._step import step
 from ._transform import TransformState, transform
 
-__all__ = ["PERTURBATIONS", "JaxOps", "JaxOracle", "TransformState", "data_parallel_step", "step", "transform"]
+__all__ = ["ClosureError", "PERTURBATIONS", "JaxOps", "JaxOracle", "TransformState", "data_parallel_step", "step", "transform"]

@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import optree
 
-from .._errors import HyperparameterError, OracleOutputError, ParamsError, describe
+from .._errors import ClosureError, HyperparameterError, ParamsError, describe
+from .._oracle import PERTURBATIONS, LeafOracle
 from .._tree import PerLeaf
+from ._ops import JaxOps
 
 __all__ = [
     "PERTURBATIONS",
@@ -35,7 +37,6 @@ __all__ = [
     "rule_for_leaves",
 ]
 
-PERTURBATIONS = ("local", "global")
 
 
 def _path(path: Any) -> str:
@@ -104,13 +105,13 @@ def check_loss_output(out: Any, has_aux: bool, source: str = "`loss_fn`") -> tup
     floating-point loss (or a ``(loss, aux)`` pair with ``has_aux=True``). Static checks only."""
     if has_aux:
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
-            raise OracleOutputError(
+            raise ClosureError(
                 f"{source} must return a pair `(loss, aux)` when `has_aux=True`. Received: {describe(out)}."
             )
         loss, aux = out
     else:
         if isinstance(out, (tuple, list)):
-            raise OracleOutputError(
+            raise ClosureError(
                 f"{source} must return a scalar loss. Received: a {type(out).__name__} of length {len(out)}; "
                 f"if it returns `(loss, aux)` (model state such as BatchNorm statistics), pass `has_aux=True`."
             )
@@ -120,7 +121,7 @@ def check_loss_output(out: Any, has_aux: bool, source: str = "`loss_fn`") -> tup
     if isinstance(loss, float) and not isinstance(loss, bool):
         return jnp.asarray(loss), aux
     if shape is None or dtype is None or tuple(shape) != () or not jnp.issubdtype(dtype, jnp.floating):
-        raise OracleOutputError(
+        raise ClosureError(
             f"{source} must return a scalar (shape ()) floating-point loss. Received: {describe(loss)}."
         )
     return loss, aux
@@ -192,8 +193,8 @@ def replicate(tree: Any, axis_name: Any) -> Any:
     return jax.tree_util.tree_map(one, tree)
 
 
-class JaxOracle:
-    """A gradnorm ``Oracle`` by JAX autodiff, on the flat leaf lists the core works with.
+class JaxOracle(LeafOracle):
+    """A gradnorm `LeafOracle` by JAX autodiff, on the flat leaf lists the core works with.
 
     * ``value_and_grad(leaves)``: ``jax.value_and_grad`` of the loss at the tree of structure
       ``treedef`` holding ``leaves``.
@@ -211,6 +212,7 @@ class JaxOracle:
 
     def __init__(self, fn: Callable[[Any, int], Any] | None, treedef: Any, *, has_aux: bool = False,
                  axis_name: Any = None, reduce: bool = False, missing: str = "", first_call: int = 0):
+        super().__init__(JaxOps())
         self._fn = fn
         self._treedef = treedef
         self._has_aux = has_aux
@@ -232,7 +234,7 @@ class JaxOracle:
         if self._fn is None:
             raise TypeError(self._missing)
 
-    def value_and_grad(self, leaves: list[Any]) -> tuple[Any, list[Any]]:
+    def _value_and_grad(self, leaves: list[Any]) -> tuple[Any, list[Any]]:
         self._require()
         i, self.calls = self.calls, self.calls + 1
         (loss, aux), grads = jax.value_and_grad(self._loss(i), has_aux=True)(self._point(leaves))
@@ -247,7 +249,7 @@ class JaxOracle:
         point = self._treedef.unflatten(leaves)
         return per_device(point, self._axis) if self._axis is not None else point
 
-    def hvp(self, leaves: list[Any], v: list[Any]) -> list[Any]:
+    def _hvp(self, leaves: list[Any], v: list[Any]) -> list[Any]:
         self._require()
         i, self.calls = self.calls, self.calls + 1
         loss = self._loss(i)

@@ -13,7 +13,7 @@ __all__ = ["JaxOps"]
 
 class JaxOps(ArrayOps):
     """``gradnorm.ArrayOps`` on ``jax.numpy`` whose global reductions (``vdot``, hence ``norm``;
-    ``all_finite``, ``count_below``) read all leaves as one concatenated vector.
+    ``all_finite``) read all leaves as one concatenated vector.
 
     The core's default reduces leaf by leaf and adds the partial results: under ``jax.jit`` that
     is one small reduction kernel per leaf, whose fixed costs add up on a model of many small
@@ -42,7 +42,3 @@ class JaxOps(ArrayOps):
         if not x:
             return jnp.asarray(True)
         return jnp.all(jnp.isfinite(self._flat(x, jnp.result_type(*(leaf.dtype for leaf in x)))))
-
-    def count_below(self, x: list[Any], tol: float) -> Any:
-        flat = self._flat(x, jnp.result_type(*(leaf.dtype for leaf in x)))
-        return jnp.count_nonzero(jnp.abs(flat) < tol).astype(self._acc_dtype(x)) / max(flat.size, 1)

@@ -11,7 +11,6 @@ from .. import rules as _rules
 from .._errors import describe
 from .._step import StepResult
 from ._common import JaxOracle, check_axis_options, param_leaves, replicate, rule_for_leaves
-from ._ops import JaxOps
 
 __all__ = ["loss_caller", "step"]
 
@@ -115,7 +114,7 @@ def step(
     reduce_each = axis_name is not None and perturbation == "global"
     oracle = JaxOracle(loss_caller(loss_fn, args, key, same_key), treedef, has_aux=has_aux,
                        axis_name=axis_name, reduce=reduce_each)
-    direction, state, info = rule_obj.update(leaves, state, oracle, ops=JaxOps(), check=False)
+    direction, state, info = rule_obj.update_leaves(leaves, state, oracle, ops=oracle.ops)
     if axis_name is not None and not reduce_each:
         direction, state, info = replicate((direction, state, info), axis_name)
     loss = (info["loss"], oracle.first_aux) if has_aux else info["loss"]

@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .. import rules as _rules
 from .._errors import OracleOutputError, describe
+from .._oracle import LeafOracle
 from ._common import (
     JaxOracle,
     accumulation_dtype,
@@ -77,18 +78,19 @@ def _info_arrays(info: dict[str, Any], acc: Any) -> dict[str, Any]:
     return out
 
 
-class _ZeroOracle:
+class _ZeroOracle(LeafOracle):
     """Answers zeros: traced once by ``jax.eval_shape`` to learn which ``info`` entries a rule reports."""
 
     has_hvp = True
 
     def __init__(self, acc: Any):
+        super().__init__(JaxOps())
         self._acc = acc
 
-    def value_and_grad(self, leaves: list[Any]) -> tuple[Any, list[Any]]:
+    def _value_and_grad(self, leaves: list[Any]) -> tuple[Any, list[Any]]:
         return jnp.zeros((), self._acc), [jnp.zeros_like(x) for x in leaves]
 
-    def hvp(self, leaves: list[Any], v: list[Any]) -> list[Any]:
+    def _hvp(self, leaves: list[Any], v: list[Any]) -> list[Any]:
         return [jnp.zeros_like(x) for x in v]
 
 
@@ -97,8 +99,8 @@ def _initial_info(rule: Any, leaves: list[Any], rule_state: Any) -> dict[str, An
 
     def run(leaves: list[Any], rule_state: Any) -> dict[str, Any]:
         zeros = [jnp.zeros_like(x) for x in leaves]
-        _, _, info = rule.update(leaves, rule_state, _ZeroOracle(acc), loss=jnp.zeros((), acc), grads=zeros, ops=JaxOps(),
-                                 check=False)
+        _, _, info = rule.update_leaves(leaves, rule_state, _ZeroOracle(acc), loss=jnp.zeros((), acc), grads=zeros,
+                                        ops=JaxOps())
         return _info_arrays(info, acc)
 
     shapes = jax.eval_shape(run, leaves, rule_state)
@@ -298,8 +300,8 @@ def transform(
         fn = None if loss_fn is None else (lambda p, i: loss_fn(p))
         oracle = JaxOracle(fn, treedef, has_aux=has_aux, axis_name=axis_name, reduce=global_policy,
                            missing=missing, first_call=1)
-        direction, rule_state, info = rule_here.update(leaves, state.rule, oracle, loss=loss, grads=grads, ops=JaxOps(),
-                                                       check=False)
+        direction, rule_state, info = rule_here.update_leaves(leaves, state.rule, oracle, loss=loss, grads=grads,
+                                                              ops=oracle.ops)
         if axis_name is not None and not global_policy:
             direction, rule_state, info = replicate((direction, rule_state, info), axis_name)
         info = _info_arrays(info, accumulation_dtype(leaves))

@@ -16,7 +16,8 @@ for example a rule whose strength is the number `0.0` returns the gradient witho
 the extra evaluations.
 
 Writing a new rule means subclassing `Rule`, declaring `name`, `hyperparameters`
-and implementing `Rule._update` on flat lists of leaves (see the built-in rules).
+and implementing `Rule.compute_direction` on flat lists of leaves (see the built-in rules and
+docs/writing-a-rule.md).
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
+import array_api_compat
+
 from .. import _tree
 from .._errors import HyperparameterError, MissingHVPError, ParamsError, describe
-from .._oracle import FlatOracle, Oracle
+from .._oracle import LeafOracle, Oracle, TreeOracle, check_loss, check_tree
 
 __all__ = ["Rule", "Hyperparameter", "EmptyState", "REQUIRED", "NORM_EPS_DEFAULT"]
 
@@ -122,12 +125,14 @@ def flag() -> Callable[[str, str, Any], Any]:
 
 
 def integer(lo: int = 0) -> Callable[[str, str, Any], Any]:
+    """An integer `>= lo`: a Python int or any `numbers.Integral` (a NumPy integer), normalised to
+    a Python int. A bool is not an integer here."""
     expectation = f"an integer >= {lo}"
 
     def check(rule: str, name: str, value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
             raise _fail(rule, name, expectation, value)
-        return value
+        return int(value)
 
     check.expectation = expectation  # type: ignore[attr-defined]
     return check
@@ -157,7 +162,8 @@ NORM_EPS = Hyperparameter(
     "norm_eps",
     real(0.0),
     NORM_EPS_DEFAULT,
-    "added to a norm that divides, outside the square root (as in the PyTorch reference code)",
+    "added to a norm that divides, outside the square root (as in the PyTorch reference code); the quotient "
+    "saturates at the largest finite value of a float16/bfloat16 leaf, so a zero gradient never gives NaN",
 )
 
 
@@ -177,7 +183,9 @@ class Rule:
     """Base class of every gradient-regularization rule.
 
     Subclasses set `name`, `hyperparameters` (`norm_eps` is added for every rule),
-    `needs_hvp` and implement `_update` (and `_init` if they keep state).
+    `needs_hvp` and implement `compute_direction` (and `init_leaves` with `state_type` if they
+    keep state). Adapters call `update_leaves`, the kernel on flat leaf lists; `update` is its
+    wrapper on trees.
     Construct with keyword arguments: `SAM(rho=0.05)`. Instances are immutable, comparable
     and hashable (when their hyperparameters are Python values), and `replace` returns a
     copy with some hyperparameters changed.
@@ -190,10 +198,10 @@ class Rule:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "_init" in cls.__dict__ and "state_type" not in cls.__dict__:
+        if "init_leaves" in cls.__dict__ and "state_type" not in cls.__dict__:
             raise TypeError(
-                f"Rule subclass {cls.__qualname__} overrides `_init`, so it must also set the class attribute "
-                f"`state_type` to the type `_init` returns (a NamedTuple), which `update` checks `state` against."
+                f"Rule subclass {cls.__qualname__} overrides `init_leaves`, so it must also set the class attribute "
+                f"`state_type` to the type `init_leaves` returns (a NamedTuple), which `update` checks `state` against."
             )
 
     def __init__(self, **hyperparameters: Any):
@@ -201,6 +209,17 @@ class Rule:
         object.__setattr__(self, "_values", values)
         for key, value in values.items():
             object.__setattr__(self, key, value)
+        # A PerLeaf of equal numbers is kept as one number (the scalar path, bit for bit); the
+        # PerLeaf itself is kept here so that its length is still checked against the parameters.
+        collapsed = {
+            k: v for k, v in hyperparameters.items()
+            if isinstance(v, _tree.PerLeaf) and not isinstance(values.get(k), _tree.PerLeaf)
+        }
+        object.__setattr__(self, "_collapsed_per_leaf", collapsed)
+        # 0-d array hyperparameters, checked against the parameters' array library once per namespace
+        arrays = tuple((k, v) for k, v in values.items() if _holds_array(v))
+        object.__setattr__(self, "_array_hyperparameters", arrays)
+        object.__setattr__(self, "_namespaces_checked", set())
 
     # -- value semantics --------------------------------------------------------------
     @classmethod
@@ -215,10 +234,18 @@ class Rule:
 
     def replace(self, **changes: Any) -> Rule:
         """A copy of this rule with some hyperparameters changed (validated again)."""
-        return type(self)(**{**self.config, **changes})
+        new = type(self)(**{**self.config, **changes})
+        kept = {k: v for k, v in self._collapsed_per_leaf.items() if k not in changes}  # type: ignore[attr-defined]
+        if kept:
+            object.__setattr__(new, "_collapsed_per_leaf", {**kept, **new._collapsed_per_leaf})  # type: ignore[attr-defined]
+        return new
 
     def __setattr__(self, key: str, value: Any) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable; use `.replace({key}=...)` for a changed copy.")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the namespaces checked are ids of this process: a copy or an unpickled rule checks again
+        return {**self.__dict__, "_namespaces_checked": set()}
 
     def __delattr__(self, key: str) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable; `{key}` cannot be deleted.")
@@ -252,22 +279,22 @@ class Rule:
 
     @property
     def uses_grad_norm(self) -> bool:
-        """Whether `_update` reads `grad_norm`. With `update(..., norms=False)` a rule that does
+        """Whether `compute_direction` reads `grad_norm`. With `update(..., norms=False)` a rule that does
         not gets `grad_norm=None`, and the reduction is not computed."""
         return True
 
     # -- the two pure functions -------------------------------------------------------
     def init(self, params: Any) -> Any:
-        """The initial state for `params`."""
+        """The initial state for the parameter tree `params`."""
         leaves, _ = _tree.flatten(params)
         xp = check_params(leaves)
-        return self._init(leaves, _tree.ArrayOps(xp))
+        return self.init_leaves(leaves, _tree.ArrayOps(xp))
 
     def update(
         self,
         params: Any,
         state: Any,
-        oracle: Oracle,
+        oracle: Oracle | LeafOracle,
         *,
         loss: Any = None,
         grads: Any = None,
@@ -275,88 +302,197 @@ class Rule:
         check: bool = True,
         norms: bool = True,
     ) -> tuple[Any, Any, dict[str, Any]]:
-        """One step: the descent direction at `params`.
+        """One step on parameter trees: the descent direction at `params`.
+
+        A thin wrapper of `update_leaves`: flattens `params` (and `grads`), wraps a tree-level
+        `oracle` in a `TreeOracle` (which checks its answers when `check` is True), and
+        unflattens the direction.
 
         Args:
             params: the parameter tree (not modified).
             state: the rule state from `init` or the previous update.
-            oracle: evaluates the loss, its gradient and, for `gr`, Hessian-vector products.
-            loss, grads: the loss and gradient at `params` if the caller already has them
-                (an optimizer whose closure just ran); otherwise the oracle is asked.
+            oracle: an `Oracle` on trees (evaluates the loss, its gradient and, for `gr`,
+                Hessian-vector products), or a `LeafOracle` on the flat leaves of `params`.
+            loss, grads: the loss and gradient (a tree like `params`) at `params` if the caller
+                already has them (an optimizer whose closure just ran); otherwise the oracle
+                is asked.
             ops: leaf-list arithmetic; an adapter may pass a faster implementation.
-            check: validate the oracle's answers (structure, shapes, dtypes).
+            check: validate the oracle's answers and `grads` (structure, shapes, dtypes).
+            norms: as for `update_leaves`.
+
+        Returns:
+            `(direction, state, info)`, `direction` a tree like `params`; see `update_leaves`.
+        """
+        leaves, treedef = _tree.flatten(params)
+        xp = check_params(leaves)
+        self._check_per_leaf_values(len(leaves), treedef)
+        ops = ops if ops is not None else _tree.ArrayOps(xp)
+        if (loss is None) != (grads is None):
+            raise TypeError("`loss` and `grads` must be given together (both at `params`) or not at all.")
+        if grads is not None:
+            loss = check_loss(loss, leaves, xp, "`loss`", strict=check)
+            grad_leaves, grad_treedef = _tree.flatten(grads)
+            if check:
+                check_tree(grad_leaves, grad_treedef, treedef, leaves, xp, "grads", "`grads`")
+            grads = grad_leaves
+        if not isinstance(oracle, LeafOracle):
+            if not callable(getattr(oracle, "value_and_grad", None)):
+                raise TypeError(
+                    "`oracle` must be a gradnorm.Oracle (an object with `value_and_grad(params)`, `hvp(params, v)` and "
+                    f"`has_hvp`, e.g. gradnorm.FunctionOracle(grad_fn)) or a gradnorm.LeafOracle. Received: {describe(oracle)}."
+                )
+            oracle = TreeOracle(oracle, treedef, leaves, xp, check=check, ops=ops)
+        direction, state, info = self.update_leaves(leaves, state, oracle, loss=loss, grads=grads, ops=ops, norms=norms)
+        return _tree.unflatten(treedef, direction), state, info
+
+    def update_leaves(
+        self,
+        params: list[Any],
+        state: Any,
+        oracle: LeafOracle,
+        *,
+        loss: Any = None,
+        grads: list[Any] | None = None,
+        ops: _tree.ArrayOps | None = None,
+        norms: bool = True,
+    ) -> tuple[list[Any], Any, dict[str, Any]]:
+        """One step on flat lists of leaves: the kernel every adapter calls.
+
+        Evaluates the gradient at `params` (unless `loss` and `grads` are given), computes its
+        norm where needed, calls `compute_direction` (the rule's math) and assembles `info`.
+
+        Args:
+            params: the parameter leaves (not modified). An oracle that evaluates by writing
+                into live weights may re-bind the elements of this list to an exact copy of the
+                original values when it first moves the weights; rules read the parameters from
+                the list and never hold a leaf across an evaluation.
+            state: the rule state from `init`/`init_leaves` or the previous update.
+            oracle: a `LeafOracle` on these leaves.
+            loss, grads: the loss and the gradient leaves at `params`, if the caller has them;
+                they are trusted (not checked): `update` checks what users pass.
+            ops: leaf-list arithmetic (default `ArrayOps` of the leaves' namespace).
             norms: report `grad_norm` and `update_norm` in `info`. With False, the reductions
                 the rule does not need itself are skipped (each is a pass over the
                 parameters, a few percent of a step of a small model in eager PyTorch).
 
         Returns:
-            `(direction, state, info)`. `info` holds 0-d arrays (never read back to the
-            host here): `loss`, `grad_norm` (of the gradient at `params`),
-            `update_norm` (of the direction), `finite` (the loss and every entry of the direction finite, checked
-            elementwise, so a norm that overflows does not count), the
-            Python ints `grad_evals` and `hvp_evals`, and rule-specific entries.
+            `(direction, state, info)`, `direction` a list like `params`. `info` holds 0-d
+            arrays (never read back to the host here): `loss`, `grad_norm` (of the gradient at
+            `params`), `update_norm` (of the direction), `finite` (the loss and every entry of
+            the direction finite, checked elementwise, so a norm that overflows does not count),
+            the Python ints `grad_evals` and `hvp_evals` (counted by the oracle), and
+            rule-specific entries.
         """
-        leaves, treedef = _tree.flatten(params)
-        xp = check_params(leaves)
+        xp = ops.xp if ops is not None else check_params(params)
+        ops = ops if ops is not None else _tree.ArrayOps(xp)
+        if not isinstance(oracle, LeafOracle):
+            raise TypeError(
+                f"`oracle` of update_leaves must be a gradnorm.LeafOracle (wrap a tree-level oracle with "
+                f"gradnorm.TreeOracle, or call `update`). Received: {describe(oracle)}."
+            )
         if not isinstance(state, self.state_type):
             raise TypeError(
                 f"`state` of rule '{self.name}' must be a {self.state_type.__name__} (from `rule.init(params)` or "
                 f"the previous step; pass `state=None` to start). Received: {describe(state)}."
             )
-        if self.needs_hvp and not getattr(oracle, "has_hvp", False):
+        if self.needs_hvp and not oracle.has_hvp:
             raise MissingHVPError(
                 f"Rule '{self.name}' needs Hessian-vector products: pass `hvp_fn(params, v) -> H v` "
                 f"to gradnorm.step (or use an adapter, which computes them by autodiff). "
                 f"Rule 'fd_gr' approximates the same update with gradients only."
             )
-        for key, value in self._values.items():  # type: ignore[attr-defined]
-            if isinstance(value, _tree.PerLeaf) and not value.matches(treedef, len(leaves)):
-                raise HyperparameterError(
-                    f"`{key}` of rule '{self.name}' is a PerLeaf with {len(value)} values"
-                    + (f" of structure {value.treedef}" if value.treedef is not None else "")
-                    + f"; `params` has {len(leaves)} leaves of structure {treedef}. Give one value per leaf."
-                )
-        ops = ops if ops is not None else _tree.ArrayOps(xp)
-        flat = FlatOracle(oracle, treedef, leaves, xp, check=check, ops=ops)
+        self._check_per_leaf_values(len(params))
+        if self._array_hyperparameters and id(xp) not in self._namespaces_checked:  # type: ignore[attr-defined]
+            self._check_array_hyperparameters(xp)
         if (loss is None) != (grads is None):
             raise TypeError("`loss` and `grads` must be given together (both at `params`) or not at all.")
+        evals_before, hvps_before = oracle.grad_evals, oracle.hvp_evals
         if grads is None:
-            loss, g = flat.value_and_grad(leaves)
+            loss, grads = oracle.value_and_grad(params)
+            given = 0
         else:
-            flat.grad_evals += 1
-            loss = flat._check_loss(loss)
-            g = flat._check_tree(grads, "grads", "`grads`")
-        grad_norm = ops.norm(g) if norms or self.uses_grad_norm else None
-        direction, state, info = self._update(leaves, g, loss, grad_norm, state, flat, ops)
+            given = 1
+        grad_norm = ops.norm(grads) if norms or self.uses_grad_norm else None
+        direction, state, info = self.compute_direction(params, grads, loss, grad_norm, state, oracle, ops)
         out: dict[str, Any] = {"loss": loss}
         if grad_norm is not None:
             out["grad_norm"] = grad_norm
         if norms:
             # A rule that returns the gradient list itself (sgd, zero strength) saves a reduction.
-            update_norm = grad_norm if direction is g else ops.norm(direction)
-            out["update_norm"] = update_norm
+            out["update_norm"] = grad_norm if direction is grads else ops.norm(direction)
         # Elementwise, not from the norm: a norm can overflow while every entry is finite.
         out["finite"] = xp.logical_and(xp.isfinite(loss), ops.all_finite(direction))
         out.update(info)
-        out["grad_evals"] = flat.grad_evals
-        out["hvp_evals"] = flat.hvp_evals
-        return _tree.unflatten(treedef, direction), state, out
+        out["grad_evals"] = oracle.grad_evals - evals_before + given
+        out["hvp_evals"] = oracle.hvp_evals - hvps_before
+        return direction, state, out
+
+    def _check_array_hyperparameters(self, xp: Any) -> None:
+        """A `HyperparameterError` for a 0-d array hyperparameter of another array library than the
+        parameters (namespace `xp`); the parameters' own library is remembered, so that each rule
+        object checks each namespace once. NumPy arrays are accepted with JAX parameters (JAX takes
+        NumPy arrays as its own input)."""
+        library = _library(xp)
+        for key, value in self._array_hyperparameters:  # type: ignore[attr-defined]
+            arrays = (
+                [v for v in (*value.values, value.factor) if _tree.is_array(v)]
+                if isinstance(value, _tree.PerLeaf) else [value]
+            )
+            for array in arrays:
+                other = _library(_tree.array_namespace(array))
+                if other != library and not (other == "numpy" and library == "jax"):
+                    raise HyperparameterError(
+                        f"`{key}` of rule '{self.name}' is an array of {_library_name(other)}, but `params` are arrays "
+                        f"of {_library_name(library)}: give it as a Python number, or as a 0-d array of "
+                        f"{_library_name(library)}. Received: {describe(array)}."
+                    )
+        self._namespaces_checked.add(id(xp))  # type: ignore[attr-defined]  (ids: a rule stays deep-copyable)
+
+    def _check_per_leaf_values(self, n: int, treedef: Any = None) -> None:
+        given = [*self._values.items(), *self._collapsed_per_leaf.items()]  # type: ignore[attr-defined]
+        for key, value in given:
+            if isinstance(value, _tree.PerLeaf) and not (
+                value.matches(treedef, n) if treedef is not None else len(value) == n
+            ):
+                raise HyperparameterError(
+                    f"`{key}` of rule '{self.name}' is a PerLeaf with {len(value)} values"
+                    + (f" of structure {value.treedef}" if value.treedef is not None else "")
+                    + f"; `params` has {n} leaves" + (f" of structure {treedef}" if treedef is not None else "")
+                    + ". Give one value per leaf."
+                )
 
     # -- what subclasses implement ----------------------------------------------------
-    def _init(self, params: list[Any], ops: _tree.ArrayOps) -> Any:
+    def init_leaves(self, params: list[Any], ops: _tree.ArrayOps) -> Any:
+        """The initial state for the parameter leaves `params` (override in a stateful rule, and
+        set `state_type` to the type returned). The state may be any pytree of arrays (a NamedTuple
+        of 0-d counters, or parameter-sized buffers): adapters save and move it leaf by leaf."""
         return EmptyState()
 
-    def _update(
+    def compute_direction(
         self,
         params: list[Any],
         grads: list[Any],
         loss: Any,
         grad_norm: Any,
         state: Any,
-        oracle: FlatOracle,
+        oracle: LeafOracle,
         ops: _tree.ArrayOps,
     ) -> tuple[list[Any], Any, dict[str, Any]]:
-        """The rule's math on flat leaf lists: `(direction, new_state, info)`."""
+        """The rule's math on flat leaf lists: `(direction, new_state, info)`. What a rule author
+        implements (see docs/writing-a-rule.md).
+
+        Args:
+            params: the parameter leaves (read them from this list; see `update_leaves`).
+            grads: the gradient leaves at `params` (do not modify them; returning this very list
+                means "the plain gradient" and saves a reduction).
+            loss: the loss at `params` (a 0-d array).
+            grad_norm: the global L2 norm of `grads` (0-d, float32 at least), or None when the
+                rule declares `uses_grad_norm = False` and the caller asked for no norms.
+            state: the rule state.
+            oracle: the `LeafOracle`: `value_and_grad(leaves)`, `value_and_grad_along(base, step,
+                v)`, `hvp(leaves, v)`; the evaluations it spends must equal `grad_evals`.
+            ops: leaf-list arithmetic (`ArrayOps`), with `ops.xp` the array namespace.
+        """
         raise NotImplementedError
 
 
@@ -405,6 +541,35 @@ def _check_per_leaf(cls: type[Rule], h: Hyperparameter, value: _tree.PerLeaf) ->
     out = _tree.PerLeaf._make(tuple(checked))
     object.__setattr__(out, "treedef", value.treedef)
     return out
+
+
+def _holds_array(value: Any) -> bool:
+    """Whether a hyperparameter value is, or a PerLeaf holds, an array."""
+    if isinstance(value, _tree.PerLeaf):
+        return any(_tree.is_array(v) for v in (*value.values, value.factor))
+    return _tree.is_array(value)
+
+
+_LIBRARIES = ("numpy", "torch", "jax", "cupy", "dask", "array_api_strict", "ndonnx", "sparse")
+
+
+def _library(xp: Any) -> Any:
+    """The array library of the namespace `xp` ("numpy", "torch", "jax", ...; array-api-compat's
+    wrappers and the libraries' own namespaces alike), or `xp` itself for any other namespace
+    (TensorFlow's, `gradnorm._compat.tensorflow`)."""
+    for name in _LIBRARIES:
+        test = getattr(array_api_compat, f"is_{name}_namespace", None)
+        if test is not None and test(xp):
+            return name
+    return xp
+
+
+def _library_name(library: Any) -> str:
+    if isinstance(library, str):
+        return {"numpy": "NumPy", "torch": "PyTorch", "jax": "JAX", "cupy": "CuPy", "dask": "Dask",
+                "array_api_strict": "array-api-strict"}.get(library, library)
+    name = getattr(library, "__name__", repr(library))
+    return "TensorFlow" if name.endswith("_compat.tensorflow") else name
 
 
 def describe_spec(cls: type[Rule]) -> str:

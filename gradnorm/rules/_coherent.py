@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import array_api_compat
 
 from ._base import Hyperparameter, Rule, choice, integer, is_static_zero, real
 
-__all__ = ["Coherent", "CoherentState", "coherence"]
+__all__ = ["Coherent", "CoherentState", "coherence", "fraction_below"]
 
 
 class CoherentState(NamedTuple):
@@ -26,6 +27,19 @@ def coherence(grads: list[Any], regularized: list[Any], grad_norm: Any, norm_eps
     measure is known.
     """
     return ops.vdot(grads, regularized) / (grad_norm * ops.norm(regularized) + norm_eps)
+
+
+def fraction_below(params: list[Any], tol: Any, ops) -> Any:
+    """The fraction of all entries with $|\\theta| <$ `tol` (0-d, in the accumulation dtype): the
+    paper's "compression", reported as `info["sparsity"]`. `tol` is a number or a 0-d array."""
+    xp = ops.xp
+    count = None
+    for a in params:
+        t = tol if isinstance(tol, (int, float)) else xp.astype(tol, a.dtype)
+        part = xp.count_nonzero(xp.abs(a) < t)
+        count = part if count is None else count + part
+    size = sum(math.prod(a.shape) for a in params)
+    return xp.astype(count, ops.acc_dtype(params)) / max(size, 1)
 
 
 class Coherent(Rule):
@@ -64,13 +78,13 @@ class Coherent(Rule):
         Hyperparameter("sparsity_tol", real(0.0), 1e-3, "|theta| below this counts as zero in info['sparsity']"),
     )
 
-    def _init(self, params, ops):
+    def init_leaves(self, params, ops):
         xp = ops.xp
         # zeros, not asarray(0): a Python number copied to a GPU would synchronize with the host
         return CoherentState(step=xp.zeros((), dtype=xp.int32, device=array_api_compat.device(params[0])))
 
-    def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
-        info = {"sparsity": ops.count_below(params, self.sparsity_tol)}
+    def compute_direction(self, params, grads, loss, grad_norm, state, oracle, ops):
+        info = {"sparsity": fraction_below(params, self.sparsity_tol, ops)}
         new_state = CoherentState(step=state.step + 1)
         if is_static_zero(self.lam):
             zero = ops.scalar(0.0, params)

@@ -57,7 +57,7 @@ class FDGR(Rule):
     def uses_grad_norm(self) -> bool:
         return self.normalize
 
-    def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
+    def compute_direction(self, params, grads, loss, grad_norm, state, oracle, ops):
         if is_static_zero(self.gamma):
             return grads, state, {"step_size": self.eps}
         step = self.eps / (grad_norm + self.norm_eps) if self.normalize else self.eps

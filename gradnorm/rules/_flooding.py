@@ -35,7 +35,7 @@ class Flooding(Rule):
     uses_grad_norm = False
     hyperparameters = (Hyperparameter("b", real(), doc="the flood level, a loss value (the paper picks it from 0.00 to 0.10 for benchmarks)"),)
 
-    def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
+    def compute_direction(self, params, grads, loss, grad_norm, state, oracle, ops):
         # ops.sign, not xp.sign: array_api_compat's torch sign fixes nan with a masked write,
         # which synchronizes a GPU with the host
         sign = ops.sign([loss - self.b])[0]

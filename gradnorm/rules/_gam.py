@@ -74,7 +74,7 @@ class GAM(Rule):
             return radius / (ops.norm(ops.mul(w, v)) + self.norm_eps), ops.mul(ops.mul(base, base), v)
         return radius / (ops.norm(v) + self.norm_eps), v
 
-    def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
+    def compute_direction(self, params, grads, loss, grad_norm, state, oracle, ops):
         if self._identity():
             return grads, state, {}
         eps = self.norm_eps

@@ -49,7 +49,7 @@ class GNP(Rule):
     def grad_evals(self) -> int:
         return 1 if self._identity() else 2
 
-    def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
+    def compute_direction(self, params, grads, loss, grad_norm, state, oracle, ops):
         if self._identity():
             return grads, state, {"perturbed_loss": loss}
         step = ascent_step(grad_norm, self.r, self.norm_eps)

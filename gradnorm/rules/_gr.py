@@ -48,7 +48,7 @@ class GR(Rule):
     def hvp_evals(self) -> int:
         return 0 if is_static_zero(self.gamma) else 1
 
-    def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
+    def compute_direction(self, params, grads, loss, grad_norm, state, oracle, ops):
         if is_static_zero(self.gamma):
             return grads, state, {}
         hg = oracle.hvp(params, grads)

@@ -12,7 +12,12 @@ __all__ = ["SAM", "ascent_step"]
 def ascent_step(direction_norm: Any, radius: Any, norm_eps: float) -> Any:
     r"""The step $r / (\lVert v\rVert + \epsilon)$ along $v$ to the ascent point
     $\theta + r\, v / (\lVert v\rVert + \epsilon)$, shared by SAM and GNP so that
-    `gnp(alpha=1, r)` and `sam(rho=r)` take bit-identical steps."""
+    `gnp(alpha=1, r)` and `sam(rho=r)` take bit-identical steps.
+
+    The step is a 0-d array in the accumulation dtype (float32 at least): at $v = 0$ it is
+    $r / \epsilon$ (5e10 with the defaults), finite there. `ArrayOps` saturates it at the largest
+    finite value of a narrower leaf dtype (65504 in float16) when it multiplies a leaf, so the
+    ascent point at a zero gradient is $\theta$ itself, never NaN."""
     return radius / (direction_norm + norm_eps)
 
 
@@ -35,6 +40,11 @@ class SAM(Rule):
         Improving Generalization](https://arxiv.org/abs/2010.01412), ICLR 2021.
         Kwon, Kim, Park, Choi. [ASAM: Adaptive Sharpness-Aware Minimization
 ](https://arxiv.org/abs/2102.11600), ICML 2021.
+
+    A zero gradient never gives NaN, in any dtype: `norm_eps` keeps the step finite in the
+    accumulation dtype (float32 at least), and the step saturates at the largest finite value of a
+    float16 or bfloat16 leaf instead of overflowing to ``inf`` there (see `gradnorm.ArrayOps`); in
+    float16 a gradient with $\lVert g\rVert < \rho / 65504$ thus gets a shorter perturbation.
 
     Differences from the official code:
         * google-research/sam and `optax.contrib.sam` divide by the raw norm (NaN at
@@ -60,7 +70,7 @@ class SAM(Rule):
     def uses_grad_norm(self) -> bool:
         return not self.adaptive  # ASAM normalizes T * g instead
 
-    def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
+    def compute_direction(self, params, grads, loss, grad_norm, state, oracle, ops):
         if is_static_zero(self.rho):
             return grads, state, {"perturbed_loss": loss}
         if self.adaptive:

@@ -16,5 +16,5 @@ class SGD(Rule):
     name = "sgd"
     uses_grad_norm = False
 
-    def _update(self, params, grads, loss, grad_norm, state, oracle, ops):
+    def compute_direction(self, params, grads, loss, grad_norm, state, oracle, ops):
         return grads, state, {}

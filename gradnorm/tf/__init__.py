@@ -16,12 +16,14 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "gradnorm.tf needs TensorFlow: `pip install \"gradnorm[tf]\"` (or install tensorflow for your platform)."
     ) from err
 
-from . import _namespace as namespace
+from .._compat import tensorflow as namespace  # the core's TensorFlow Array API namespace
 from ._guard import WeightGuard
 from ._ops import TFOps
-from ._step import HVP_MODES, PERTURBATIONS, step
+from .._errors import ClosureError
+from .._oracle import HVP_MODES, PERTURBATIONS
+from ._step import VariableOracle, step
 
-__all__ = ["HVP_MODES", "PERTURBATIONS", "TFOps", "WeightGuard", "keras", "namespace", "step"]
+__all__ = ["ClosureError", "HVP_MODES", "PERTURBATIONS", "VariableOracle", "TFOps", "WeightGuard", "keras", "namespace", "step"]
 
 
 def __getattr__(name: str) -> Any:

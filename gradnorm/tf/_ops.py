@@ -9,7 +9,9 @@ if any leaf is float64), with what TensorFlow wants instead of the generic per-l
 * the partial sums of a reduction are added by one ``tf.add_n`` instead of a chain of adds, and a
   squared norm takes one kernel per leaf (``tf.nn.l2_loss``, half the sum of squares, doubled once
   at the end) instead of a square and a sum;
-* ``count_below`` counts with ``tf.math.count_nonzero`` and divides by the static size.
+* a scalar saturates at the largest finite value of a leaf's dtype, as in `ArrayOps`, and multiplies
+  a float16 or bfloat16 leaf with ``tf.math.multiply_no_nan``, which Grappler does not reassociate
+  (see `TFOps._times`), so that a zero gradient never gives NaN inside ``tf.function`` either;
 
 Under ``tf.function`` every method only adds ops to the graph; ops whose results nobody uses (an
 ``info`` entry the caller ignores) are pruned from the function by TensorFlow.
@@ -21,12 +23,14 @@ from typing import Any
 
 import tensorflow as tf
 
-from .._tree import ArrayOps, PerLeaf, per_leaf
-from . import _namespace
+from .._compat import tensorflow as _namespace
+from .._tree import ArrayOps, PerLeaf, per_leaf, saturate_number, saturation_bound
 
 __all__ = ["TFOps"]
 
 Leaves = list[Any]
+
+_HALF = (tf.float16, tf.bfloat16)  # the leaf dtypes whose scalar products are `multiply_no_nan` (see `TFOps._times`)
 
 
 class TFOps(ArrayOps):
@@ -42,15 +46,25 @@ class TFOps(ArrayOps):
     # -- scalars -------------------------------------------------------------------------
     @staticmethod
     def _scalars(s: Any, x: Leaves) -> list[Any]:
-        """The scalar each leaf of `x` gets from `s`, a tensor cast to each leaf's dtype once per dtype."""
+        """The scalar each leaf of `x` gets from `s`, a tensor cast to each leaf's dtype once per dtype.
+
+        As in `ArrayOps`, a scalar saturates at the largest finite value of the leaf's dtype where it
+        could exceed it: a tensor is clipped (``tf.clip_by_value``) before a narrowing cast, a Python
+        number in Python, so that ``rho / (||g|| + eps)`` at a zero gradient is not ``inf`` in a
+        float16 leaf (``inf * 0`` is NaN). Casts that do not narrow are unchanged."""
         cache: dict[Any, Any] = {}
         out = []
         for c, leaf in zip(per_leaf(s, len(x)), x):
-            if isinstance(c, (tf.Tensor, tf.Variable)) and c.dtype != leaf.dtype:
-                key = (id(c), leaf.dtype)
-                if key not in cache:
-                    cache[key] = tf.cast(c, leaf.dtype)
-                c = cache[key]
+            if isinstance(c, (tf.Tensor, tf.Variable)):
+                if c.dtype != leaf.dtype:
+                    key = (id(c), leaf.dtype)
+                    if key not in cache:
+                        bound = saturation_bound(_namespace, c.dtype, leaf.dtype)
+                        clipped = tf.clip_by_value(c, -bound, bound) if bound is not None else c
+                        cache[key] = tf.cast(clipped, leaf.dtype)
+                    c = cache[key]
+            elif type(c) is float or type(c) is int:
+                c = saturate_number(c, saturation_bound(_namespace, float, leaf.dtype))
             out.append(c)
         return out
 
@@ -61,16 +75,30 @@ class TFOps(ArrayOps):
         return tf.float64 if any(leaf.dtype == tf.float64 for leaf in leaves) else tf.float32
 
     # -- elementwise ---------------------------------------------------------------------
+    @staticmethod
+    def _times(c: Any, a: Any) -> Any:
+        """`c * a` for the scalar `c` of leaf `a`. In a float16 or bfloat16 leaf it is
+        ``tf.math.multiply_no_nan`` (zero where `a` is zero): Grappler's arithmetic optimizer
+        reassociates chains of multiplications inside ``tf.function`` (``c * (t * (t * g))`` becomes
+        ``((c * t) * t) * g``), so a scalar saturated at the dtype's largest finite value could still
+        overflow to ``inf`` before it meets a zero gradient and give NaN. ``MulNoNan`` is not
+        reassociated and costs what a multiplication costs; float32 and float64 leaves multiply as
+        before."""
+        if a.dtype in _HALF:
+            return tf.math.multiply_no_nan(c if isinstance(c, (tf.Tensor, tf.Variable)) else tf.constant(c, a.dtype), a)
+        return c * a
+
     def scale(self, s: Any, x: Leaves) -> Leaves:
-        return [c * a for c, a in zip(self._scalars(s, x), x)]
+        return [self._times(c, a) for c, a in zip(self._scalars(s, x), x)]
 
     def axpy(self, s: Any, x: Leaves, y: Leaves) -> Leaves:
         """`s * x + y`."""
-        return [c * a + b for c, a, b in zip(self._scalars(s, x), x, y)]
+        return [self._times(c, a) + b for c, a, b in zip(self._scalars(s, x), x, y)]
 
     def lincomb(self, a: Any, x: Leaves, b: Any, y: Leaves) -> Leaves:
         """`a * x + b * y`."""
-        return [c * u + d * v for c, u, d, v in zip(self._scalars(a, x), x, self._scalars(b, y), y)]
+        times = self._times
+        return [times(c, u) + times(d, v) for c, u, d, v in zip(self._scalars(a, x), x, self._scalars(b, y), y)]
 
     def add_scalar(self, x: Leaves, s: Any) -> Leaves:
         return [a + c for c, a in zip(self._scalars(s, x), x)]
@@ -105,30 +133,12 @@ class TFOps(ArrayOps):
         """Global L2 norm over all leaves."""
         return tf.sqrt(self.vdot(x, x))
 
-    def count_below(self, x: Leaves, tol: float) -> Any:
-        """Fraction of all entries with `|x| < tol` (0-d, accumulation dtype)."""
-        acc = self._acc_dtype(x) if x else tf.float32
-        parts = [tf.math.count_nonzero(tf.abs(a) < (tol if not isinstance(tol, tf.Tensor) else tf.cast(tol, a.dtype)))
-                 for a in x]
-        sizes = [a.shape.num_elements() for a in x]
-        if all(n is not None for n in sizes):
-            count = max(sum(sizes), 1)
-        else:  # a dynamic shape: count at run time
-            count = tf.maximum(tf.cast(tf.add_n([tf.size(a, out_type=tf.int64) for a in x]), acc), 1)
-        return tf.cast(self._total(parts, x), acc) / count
-
     def all_finite(self, x: Leaves) -> Any:
         """Whether every entry of every leaf is finite (a 0-d boolean tensor)."""
         if not x:
             return tf.constant(True)
         parts = [tf.reduce_all(tf.math.is_finite(a)) for a in x]
         return parts[0] if len(parts) == 1 else tf.reduce_all(tf.stack(parts))
-
-    def isfinite(self, s: Any) -> Any:
-        return tf.math.is_finite(s)
-
-    def where(self, cond: Any, s: Any, t: Any) -> Any:
-        return tf.where(cond, s, t)
 
     # -- in place, for the oracle --------------------------------------------------------
     def assign_axpy(self, s: Any, v: Leaves, variables: list[Any]) -> None:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import operator
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from .. import rules as _rules
-from .._errors import HyperparameterError, OracleOutputError, describe
+from .._errors import ClosureError, HyperparameterError, describe
+from .._live import LiveWeights
+from .._live import same_list as _same_list
+from .._oracle import HVP_MODES, PERTURBATIONS
 from .._step import StepResult
 from .._tree import PerLeaf
 from ._guard import WeightGuard, as_variable
@@ -18,18 +23,17 @@ from ._ops import TFOps
 
 __all__ = ["HVP_MODES", "PERTURBATIONS", "VariableOracle", "step"]
 
-HVP_MODES = ("reverse_over_reverse", "forward_over_reverse")
-PERTURBATIONS = ("local", "global")
 _ZERO = tf.UnconnectedGradients.ZERO
 
 
-def _same_list(a: Sequence[Any], b: Sequence[Any]) -> bool:
-    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
 def _dense(g: Any) -> Any:
     """A gradient as a dense tensor (an embedding's ``tf.IndexedSlices`` is scattered)."""
     return tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+
+
+_HALF = (tf.float16, tf.bfloat16)
 
 
 class _Scaling:
@@ -40,6 +44,8 @@ class _Scaling:
     ``strategy.run``), `extra` any other factor (a Keras optimizer's loss scale, or the user's
     `loss_scale`). `unscale` maps `loss_fn`'s values to the rule's, `rescale` maps the rule's direction
     back to the scale of `loss_fn`'s gradient (what ``optimizer.apply_gradients`` expects).
+    Float16 and bfloat16 values are scaled in float32 (a loss scale such as 65536 is ``inf`` in
+    float16) and rounded once.
     """
 
     def __init__(self, replicas: int = 1, extra: Any = 1.0):
@@ -48,29 +54,40 @@ class _Scaling:
         self.trivial = replicas == 1 and isinstance(extra, (int, float)) and extra == 1
 
     def unscale(self, x: Any) -> Any:
+        half = x.dtype in _HALF
+        if half:  # a loss scale of 65536 is inf in float16: divide in float32
+            dtype, x = x.dtype, tf.cast(x, tf.float32)
         if self.replicas != 1:
             x = x * tf.constant(float(self.replicas), x.dtype)
         if not (isinstance(self.extra, (int, float)) and self.extra == 1):
             x = x / tf.cast(self.extra, x.dtype)
-        return x
+        return tf.cast(x, dtype) if half else x
 
     def rescale(self, x: Any) -> Any:
+        half = x.dtype in _HALF
+        if half:
+            dtype, x = x.dtype, tf.cast(x, tf.float32)
         if not (isinstance(self.extra, (int, float)) and self.extra == 1):
             x = x * tf.cast(self.extra, x.dtype)
         if self.replicas != 1:
             x = x / tf.constant(float(self.replicas), x.dtype)
-        return x
+        return tf.cast(x, dtype) if half else x
 
 
-class VariableOracle:
+class VariableOracle(LiveWeights):
     """The gradnorm oracle of one step on variables: `loss_fn()` reads the variables, so the loss at a
     point is evaluated by writing the point into them and taping ``loss_fn()``.
 
-    * ``value_and_grad(point)``: assigns `point` (unless the variables hold it already), then
-      ``tf.GradientTape`` gives the loss and the gradients (``tf.IndexedSlices`` made dense, a
-      variable the loss does not use gets zeros).
-    * ``value_and_grad_along(base, step, v)``: the point ``base + step * v`` formed in the variables
-      with ``assign_add`` (no parameter-sized temporary; the same bits as computing it).
+    The live-weights state machine (which point the variables hold, the snapshot, the moving
+    statistics of the first pass, randomness replay, exact restore) is `gradnorm._live.LiveWeights`;
+    this class supplies TensorFlow's hooks:
+
+    * the rule's view of the parameters is the variables' values read before the step
+      (``read_value``: a copy that later writes do not change, so the snapshot costs nothing more);
+    * a pass is ``tf.GradientTape`` over ``loss_fn()`` (``tf.IndexedSlices`` made dense, a variable
+      the loss does not use gets zeros);
+    * a point along a direction is formed in the variables with ``assign_add`` (no parameter-sized
+      temporary; the same bits as computing it);
     * ``hvp(point, v)``: ``"reverse_over_reverse"`` differentiates the first pass's gradient once
       more along `v` with the tape that recorded it (``tape.gradient(grads, variables,
       output_gradients=v)``; H is symmetric), so exact GR costs one extra backward-of-backward;
@@ -79,73 +96,83 @@ class VariableOracle:
 
     Values are unscaled (`_Scaling`) and, with ``reduce`` (a replica context, `perturbation="global"`),
     averaged over the replicas before the rule sees them. The caller restores the variables with
-    :meth:`restore` (in a ``finally``).
+    :meth:`restore` (in a ``finally``); every write waits for the guard's copy (`guard_ops`).
     """
 
     def __init__(self, variables: list[tf.Variable], loss_fn: Callable[[], Any], point: list[Any], *,
                  has_hvp: bool, hvp_mode: str, scaling: _Scaling, reduce: Any, acc_dtype: Any, ops: TFOps,
                  moving_stats: Sequence[tf.Variable] = (), random_state: Sequence[tf.Variable] = (),
                  guard_ops: list[Any] | None = None):
+        super().__init__(point, ops, has_hvp=has_hvp, same_randomness=bool(random_state))
         self.variables = variables
         self.loss_fn = loss_fn
-        self.point = point  # the values of the variables before the step (what they are restored to)
-        self.at: list[Any] | None = point  # a list whose values the variables hold now
-        self.has_hvp = has_hvp
         self.hvp_mode = hvp_mode
         self.scaling = scaling
         self.reduce = reduce
         self.acc_dtype = acc_dtype
-        self.ops = ops
         self.moving_stats = list(moving_stats)
         self.random_state = list(random_state)
         self.guard_ops = guard_ops or []  # a perturbation must wait for these (the guard's copy)
-        self.moved = False
-        self.passes = 0
-        self.stats_after_first: list[Any] | None = None
-        self.random_before_first: list[Any] | None = None
         self._recorded: tuple[list[Any], Any, list[Any]] | None = None  # (point, tape, raw grads) for an HVP
 
-    # -- evaluation ----------------------------------------------------------------------
-    def _loss_and_grads(self, tape_for_hvp: Any = None) -> tuple[Any, list[Any]]:
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(self.variables)
-            loss = self.loss_fn()
-        if not isinstance(loss, (tf.Tensor, tf.Variable)):
-            raise OracleOutputError(f"`loss_fn` must return the loss as a scalar tensor. Received: {describe(loss)}.")
-        if loss.shape.rank not in (0, None):
-            raise OracleOutputError(
-                f"`loss_fn` must return a scalar loss (shape ()); reduce it first, e.g. with tf.reduce_mean. "
-                f"Received: shape {tuple(loss.shape)}."
-            )
-        if not loss.dtype.is_floating:
-            raise OracleOutputError(f"`loss_fn` must return a floating-point loss. Received: dtype {loss.dtype.name}.")
-        grads = tape.gradient(loss, self.variables, unconnected_gradients=_ZERO)
-        return loss, [_dense(g) for g in grads]
+    # -- LiveWeights hooks ---------------------------------------------------------------
+    def _take_snapshot(self) -> None:
+        pass  # the view holds values read before the step: later writes do not change them
 
-    def _begin_pass(self) -> bool:
-        """Count the pass; before an extra pass, replay the first pass's random state. Returns
-        whether this is the first pass."""
-        first = self.passes == 0
-        if first and self.random_state:
-            self.random_before_first = [r.read_value() for r in self.random_state]
-        elif self.random_before_first is not None:
-            for r, value in zip(self.random_state, self.random_before_first):
-                r.assign(value, read_value=False)
-        self.passes += 1
-        return first
+    def _writing(self) -> Any:
+        """The context of every write that moves the weights: in a graph, the write waits for the
+        guard's copy (a ``tf.function`` orders the ops on one variable by program order, but not
+        writes to the weights after writes to the guard's variables)."""
+        return tf.control_dependencies(self.guard_ops) if self.guard_ops else contextlib.nullcontext()
 
-    def _pass(self, record: bool = False) -> tuple[Any, list[Any]]:
-        first = self._begin_pass()
-        if record:  # keep the tape that recorded the gradient, to differentiate it once more
+    def _assign(self, values: list[Any]) -> list[Any]:
+        with self._writing():
+            return [var.assign(value, read_value=False) for var, value in zip(self.variables, values)]
+
+    def _assign_axpy(self, step: Any, v: list[Any]) -> None:
+        with self._writing():
+            self.ops.assign_axpy(step, list(v), self.variables)
+
+    def _read_rng(self) -> Any:
+        return [r.read_value() for r in self.random_state]
+
+    def _write_rng(self, state: Any) -> None:
+        for r, value in zip(self.random_state, state):
+            r.assign(value, read_value=False)
+
+    def _read_side_state(self) -> Any:
+        return [m.read_value() for m in self.moving_stats] if self.moving_stats else None
+
+    def _write_side_state(self, saved: Any) -> list[Any]:
+        return [m.assign(value, read_value=False) for m, value in zip(self.moving_stats, saved)]
+
+    def _evaluate(self, first: bool) -> tuple[Any, list[Any]]:
+        if first and self.has_hvp and self.hvp_mode == "reverse_over_reverse":
+            # keep the tape that recorded the gradient, to differentiate it once more
             with tf.GradientTape(watch_accessed_variables=False) as outer:
                 outer.watch(self.variables)
                 loss, grads = self._loss_and_grads()
             self._recorded = (list(self.at or ()), outer, grads)
         else:
             loss, grads = self._loss_and_grads()
-        if first and self.moving_stats:
-            self.stats_after_first = [m.read_value() for m in self.moving_stats]
         return self._finish(loss, grads)
+
+    # -- evaluation ----------------------------------------------------------------------
+    def _loss_and_grads(self) -> tuple[Any, list[Any]]:
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(self.variables)
+            loss = self.loss_fn()
+        if not isinstance(loss, (tf.Tensor, tf.Variable)):
+            raise ClosureError(f"`loss_fn` must return the loss as a scalar tensor. Received: {describe(loss)}.")
+        if loss.shape.rank not in (0, None):
+            raise ClosureError(
+                f"`loss_fn` must return a scalar loss (shape ()); reduce it first, e.g. with tf.reduce_mean. "
+                f"Received: shape {tuple(loss.shape)}."
+            )
+        if not loss.dtype.is_floating:
+            raise ClosureError(f"`loss_fn` must return a real floating-point loss. Received: dtype {loss.dtype.name}.")
+        grads = tape.gradient(loss, self.variables, unconnected_gradients=_ZERO)
+        return loss, [_dense(g) for g in grads]
 
     def _finish(self, loss: Any, grads: list[Any]) -> tuple[Any, list[Any]]:
         if not self.scaling.trivial:
@@ -157,44 +184,16 @@ class VariableOracle:
             grads = list(grads)
         return loss, grads
 
-    def _move_to(self, point: list[Any]) -> None:
-        if self.at is not None and _same_list(point, self.at):
-            return
-        with self._writing():
-            for var, value in zip(self.variables, point):
-                var.assign(value, read_value=False)
-        self.at = point
-
-    def _writing(self) -> Any:
-        """The context of every write that moves the weights: it marks them moved, and in a graph
-        makes the write wait for the guard's copy (a ``tf.function`` orders the ops on one variable
-        by program order, but not writes to the weights after writes to the guard's variables)."""
-        self.moved = True
-        return tf.control_dependencies(self.guard_ops) if self.guard_ops else contextlib.nullcontext()
-
-    # -- the oracle protocol -------------------------------------------------------------
-    def value_and_grad(self, point: list[Any]) -> tuple[Any, list[Any]]:
-        self._move_to(list(point))
-        record = self.has_hvp and self.hvp_mode == "reverse_over_reverse" and self.passes == 0
-        return self._pass(record=record)
-
-    def value_and_grad_along(self, base: list[Any], step: Any, v: list[Any]) -> tuple[Any, list[Any]]:
-        self._move_to(list(base))
-        self.at = None
-        with self._writing():
-            self.ops.assign_axpy(step, list(v), self.variables)
-        return self._pass()
-
-    def hvp(self, point: list[Any], v: list[Any]) -> list[Any]:
+    def _hvp(self, point: list[Any], v: list[Any]) -> list[Any]:
         point, v = list(point), [tf.cast(a, var.dtype) if a.dtype != var.dtype else a for a, var in zip(v, self.variables)]
         recorded = self._recorded
-        if recorded is not None and _same_list(point, recorded[0]) and self.at is not None and _same_list(point, self.at):
+        if recorded is not None and _same_list(point, recorded[0]) and self.holds(point):
             self._recorded = None  # one HVP per recorded gradient
             _, tape, grads = recorded
             hv = tape.gradient(grads, self.variables, output_gradients=v, unconnected_gradients=_ZERO)
         else:
-            self._move_to(point)
-            self._begin_pass()
+            self.move_to(point)
+            self.begin_pass()
             with tf.autodiff.ForwardAccumulator(self.variables, v) as acc:
                 _, grads = self._loss_and_grads()
             hv = acc.jvp(grads, unconnected_gradients=_ZERO)
@@ -205,17 +204,36 @@ class VariableOracle:
             hv = list(self.reduce.all_reduce(tf.distribute.ReduceOp.MEAN, hv))
         return hv
 
-    # -- afterwards ----------------------------------------------------------------------
     def restore(self) -> list[Any]:
-        """Put the weights back (bit for bit, from the values read before the step) and the moving
-        statistics to their values after the first pass; returns the write ops."""
-        writes = []
-        if self.moved:
-            writes += [var.assign(value, read_value=False) for var, value in zip(self.variables, self.point)]
-        if self.passes > 1 and self.stats_after_first is not None:
-            writes += [m.assign(value, read_value=False) for m, value in zip(self.moving_stats, self.stats_after_first)]
+        writes = super().restore()
         self._recorded = None
         return writes
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_TINY = float(np.finfo(np.float32).smallest_subnormal)
+
+
+def check_loss_scale(loss_scale: Any) -> Any:
+    """`loss_scale` if it is a number that is finite, > 0 and a float32 (neither overflowing to inf nor
+    underflowing to 0 when the gradients are divided by it), or a 0-d floating-point tensor; else a
+    `HyperparameterError` naming it. A tensor's value is not checked: that would read it back to the
+    host, which is impossible inside ``tf.function`` (a zero or non-finite tensor shows as
+    ``info["finite"]`` false)."""
+    if isinstance(loss_scale, (tf.Tensor, tf.Variable)):
+        if loss_scale.shape.rank == 0 and loss_scale.dtype.is_floating:
+            return loss_scale
+    elif isinstance(loss_scale, numbers.Real) and not isinstance(loss_scale, bool):
+        try:
+            value = float(loss_scale)
+        except OverflowError:  # an int too large for a float
+            value = math.inf
+        if math.isfinite(value) and _FLOAT32_TINY <= value <= _FLOAT32_MAX:
+            return value
+    raise HyperparameterError(
+        f"`loss_scale` must be None, a finite number > 0 that float32 represents (from {_FLOAT32_TINY:g} to "
+        f"{_FLOAT32_MAX:g}), or a 0-d floating-point tensor (whose value is not checked). Received: {describe(loss_scale)}."
+    )
 
 
 def _check_variables(variables: Any, argument: str, *, floating: bool, allow_empty: bool = False) -> list[tf.Variable]:
@@ -280,7 +298,7 @@ def run_step(variables: list[tf.Variable], loss_fn: Callable[[], Any], rule: _ru
                             reduce=reduce, acc_dtype=acc, ops=ops, moving_stats=moving_stats,
                             random_state=random_state, guard_ops=guard_ops)
     try:
-        direction, state, info = rule.update(point, state, oracle, ops=ops, check=False)
+        direction, state, info = rule.update_leaves(oracle.view, state, oracle, ops=ops)
     finally:
         writes = oracle.restore()
         if guard is not None:
@@ -345,7 +363,11 @@ def step(
             The rule sees ``loss_fn() / loss_scale`` and its gradients (so a flood level or a
             perturbation radius means the same as without distribution); the returned ``grad`` is
             scaled back (``grad * loss_scale``), in the scale of ``tape.gradient(loss_fn(), ...)``,
-            so ``optimizer.apply_gradients`` treats it as it would the plain gradient.
+            so ``optimizer.apply_gradients`` treats it as it would the plain gradient. A number must
+            be finite, > 0 and representable in float32 (an `HyperparameterError` otherwise); a 0-d
+            tensor's value cannot be checked without reading it back to the host (impossible inside
+            ``tf.function``), so a zero or non-finite tensor is not refused: it shows as
+            ``info["finite"]`` false.
         hvp: for ``gr``: ``"reverse_over_reverse"`` (default: the first pass is recorded by an outer
             tape and its gradient differentiated along g, one extra backward-of-backward; measured
             faster on CPU than the alternative, see the benchmark) or ``"forward_over_reverse"``
@@ -396,15 +418,7 @@ def step(
             f"`guard` must be None or a gradnorm.tf.WeightGuard made from the same `variables`. Received: {describe(guard)}."
         )
     replicas, reduce = replica_setup(perturbation)
-    if loss_scale is None:
-        scaling = _Scaling(replicas)
-    elif isinstance(loss_scale, bool) or not (
-        (isinstance(loss_scale, (int, float)) and loss_scale > 0)
-        or (isinstance(loss_scale, (tf.Tensor, tf.Variable)) and loss_scale.shape.rank == 0 and loss_scale.dtype.is_floating)
-    ):
-        raise HyperparameterError(f"`loss_scale` must be None, a positive number or a 0-d floating-point tensor. Received: {describe(loss_scale)}.")
-    else:
-        scaling = _Scaling(1, loss_scale)
+    scaling = _Scaling(replicas) if loss_scale is None else _Scaling(1, check_loss_scale(loss_scale))
     if state is not None and not isinstance(state, rule_obj.state_type):
         raise TypeError(
             f"`state` of rule '{rule_obj.name}' must be a {rule_obj.state_type.__name__} (from the previous step's "

@@ -21,6 +21,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import optree
 import tensorflow as tf
 
 from .. import rules as _rules
@@ -77,8 +78,9 @@ class _Runtime:
         traced = tf.inside_function()
         with tf.init_scope():
             init = settings.rule.init([tf.zeros(v.shape, v.dtype) if traced else v.read_value() for v in trainable])
-            self.state_type = type(init)
-            self.state_vars = [tf.Variable(x, trainable=False, name=f"gradnorm_state_{k}") for k, x in init._asdict().items()]
+            # the state as a pytree: one variable per leaf (a 0-d counter or a parameter-sized buffer)
+            leaves, self.state_treedef = optree.tree_flatten(init)
+            self.state_vars = [tf.Variable(x, trainable=False, name=f"gradnorm_state_{i}") for i, x in enumerate(leaves)]
             self.nonfinite = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradnorm_nonfinite_steps",
                                          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         if settings.loaded_state is not None:
@@ -91,9 +93,9 @@ class _Runtime:
             tuple(np.shape(x)) != tuple(v.shape) for x, v in zip(values, self.state_vars)
         ):
             raise ValueError(
-                f"The saved gradnorm rule state does not fit rule '{rule.name}': it expects "
-                f"{[tuple(v.shape) for v in self.state_vars]} (shapes of {', '.join(self.state_type._fields) or 'no fields'}), "
-                f"the file holds {[tuple(np.shape(x)) for x in values]}."
+                f"The saved gradnorm rule state does not fit rule '{rule.name}': it expects leaves of shapes "
+                f"{[tuple(v.shape) for v in self.state_vars]}, the file holds {[tuple(np.shape(x)) for x in values]}. "
+                f"Load it into a model with the rule it was saved with."
             )
 
     def load_state(self, rule: _rules.Rule, values: list[Any]) -> None:
@@ -103,11 +105,24 @@ class _Runtime:
             v.assign(tf.cast(x, v.dtype), read_value=False)
 
     def read_state(self) -> Any:
-        return self.state_type(*[v.read_value() for v in self.state_vars])
+        return optree.tree_unflatten(self.state_treedef, [v.read_value() for v in self.state_vars])
 
     def write_state(self, state: Any) -> None:
-        for v, x in zip(self.state_vars, state):
+        for v, x in zip(self.state_vars, optree.tree_leaves(state)):
             v.assign(x, read_value=False)
+
+
+def _check_saved_state(rule: _rules.Rule, variables: list[Any], values: list[Any]) -> None:
+    """A `ValueError` unless saved values fit the state `rule` makes for `variables` (its leaves'
+    count and shapes), checked before anything is loaded."""
+    template = optree.tree_leaves(rule.init([as_variable(v, "trainable_variables", i).read_value()
+                                             for i, v in enumerate(variables)]))
+    if len(values) != len(template) or any(tuple(np.shape(x)) != tuple(t.shape) for x, t in zip(values, template)):
+        raise ValueError(
+            f"The file holds a gradnorm rule state of {len(values)} leaves of shapes "
+            f"{[tuple(np.shape(x)) for x in values]}; rule '{rule.name}' keeps {len(template)} of shapes "
+            f"{[tuple(t.shape) for t in template]}. Load it into a model with the rule it was saved with."
+        )
 
 
 def _moving_stats(model: keras.Model) -> list[tf.Variable]:
@@ -285,14 +300,10 @@ class GradnormTrainStep:
         # every check before anything is loaded: a refused file leaves the model as it was
         values = [np.asarray(store[k]) for k in ours]
         settings = self._settings()
-        fields = settings.rule.state_type._fields
-        if len(values) != len(fields):
-            raise ValueError(
-                f"The file holds a gradnorm rule state of {len(values)} entries; rule '{settings.rule.name}' keeps "
-                f"{len(fields)} ({', '.join(fields) or 'none'}). Load it into a model with the rule it was saved with."
-            )
         if settings.runtime is not None:
             settings.runtime.check_state(settings.rule, values)
+        elif self.trainable_variables:  # type: ignore[attr-defined]
+            _check_saved_state(settings.rule, self.trainable_variables, values)  # type: ignore[attr-defined]
         super().load_own_variables({k: store[k] for k in keys if k not in ours})  # type: ignore[misc]
         if settings.runtime is not None:
             with self.distribute_strategy.scope():  # type: ignore[attr-defined]

@@ -13,8 +13,24 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "gradnorm.torch needs PyTorch: `pip install \"gradnorm[torch]\"` (or install torch for your platform)."
     ) from err
 
+from .._errors import ClosureError
+from .._oracle import HVP_MODES, PERTURBATIONS
+from ._accumulate import accumulating_closure
+from ._closure import ClosureOracle
 from ._functional import step
 from ._ops import TorchForeachOps
-from ._optimizer import ClosureError, Optimizer
+from ._optimizer import Optimizer
+from ._passes import current_pass, is_extra_pass
 
-__all__ = ["Optimizer", "ClosureError", "step", "TorchForeachOps"]
+__all__ = [
+    "ClosureError",
+    "ClosureOracle",
+    "HVP_MODES",
+    "Optimizer",
+    "PERTURBATIONS",
+    "TorchForeachOps",
+    "accumulating_closure",
+    "current_pass",
+    "is_extra_pass",
+    "step",
+]

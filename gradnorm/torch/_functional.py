@@ -11,12 +11,13 @@ import torch
 
 from .. import rules as _rules
 from .._errors import HyperparameterError, describe
+from .._oracle import HVP_MODES
 from .._step import StepResult
+from ._closure import check_closure_loss
 from ._ops import TorchForeachOps
 
 __all__ = ["step", "HVP_MODES"]
 
-HVP_MODES = ("forward_over_reverse", "reverse_over_reverse")
 
 _jvp_warmed_up = False
 
@@ -38,7 +39,8 @@ def _first_jvp(fn: Callable[[], Any]) -> Any:
 class FuncOracle:
     """A gradnorm `Oracle` from ``loss(params) -> scalar tensor`` by ``torch.func``.
 
-    * ``value_and_grad``: ``torch.func.grad_and_value``.
+    * ``value_and_grad``: ``torch.func.grad_and_value``. The loss must be a real floating-point
+      0-d tensor (a `gradnorm.ClosureError` naming ``loss_fn`` otherwise).
     * ``hvp`` (``has_hvp`` only when asked for): ``"forward_over_reverse"`` is
       ``torch.func.jvp(torch.func.grad(loss), (params,), (v,))``; ``"reverse_over_reverse"`` is
       the ``torch.func.vjp`` of the gradient (the Hessian is symmetric). In reverse mode, with
@@ -57,8 +59,13 @@ class FuncOracle:
         hvp_mode: str = "forward_over_reverse",
         reuse_for_hvp: bool = False,
     ):
-        self._loss = loss
-        self._grad_and_value = torch.func.grad_and_value(loss)
+        def checked(params: Any) -> torch.Tensor:
+            # shape and dtype only (no host read): a complex, integer or non-scalar loss fails here
+            # with a ClosureError naming `loss_fn`, not deep inside torch.func
+            return check_closure_loss(loss(params), "loss_fn")
+
+        self._loss = checked
+        self._grad_and_value = torch.func.grad_and_value(checked)
         self.has_hvp = has_hvp
         self._mode = hvp_mode
         self._reuse = has_hvp and reuse_for_hvp and hvp_mode == "reverse_over_reverse"

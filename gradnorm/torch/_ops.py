@@ -22,22 +22,34 @@ Lists may mix dtypes: operations are applied per dtype group, so every group tak
 CUDA path (a mixed list would otherwise fall back to PyTorch's per-tensor loop) and gets its
 scalar cast once. As with `ArrayOps`, the leaves of one call are expected on one device
 (a CPU 0-d scalar with CUDA leaves is fine: it is copied over without a synchronization).
+
+DTensor lists (FSDP2 ``fully_shard`` parameters; judged by the first leaf) run the same kernels
+on the local shards: elementwise results are DTensors laid out as the first list, reductions are
+global (the shards' partials all-reduced over the mesh dimensions the leaves are sharded on) and
+plain 0-d tensors, equal on every rank. See the section on DTensor lists below.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import array_api_compat
 import torch
 
-from .._tree import ArrayOps, PerLeaf
+from .._tree import ArrayOps, PerLeaf, saturate_number, saturation_bound
 
 __all__ = ["TorchForeachOps"]
 
+_XP = array_api_compat.array_namespace(torch.empty(0))
+
 Leaves = list[torch.Tensor]
 Scalar = Any  # a Python number, a 0-d tensor, or a PerLeaf of those
+
+
+# torch.compile: True while Dynamo traces (a constant in the graph), False when running eagerly.
+_compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
 # --------------------------------------------------------------------------------------
@@ -51,6 +63,8 @@ def _l1(x: Sequence[torch.Tensor], dtype: torch.dtype) -> Sequence[torch.Tensor]
 
 def _sumsq_fused(x: Sequence[torch.Tensor], dtype: torch.dtype) -> Sequence[torch.Tensor]:
     """`[sum(a^2) for a in x]` without a square root (``_foreach_powsum``, newer PyTorch)."""
+    if _compiling():  # Dynamo cannot trace _foreach_powsum (a graph break at every norm); Inductor fuses this
+        return _sumsq_via_norm(x, dtype)
     return torch._foreach_powsum(x, 2, dtype=dtype)
 
 
@@ -73,16 +87,25 @@ _sumsq: Callable[[Sequence[torch.Tensor], torch.dtype], Sequence[torch.Tensor]] 
 def _like(s: Scalar, leaf: torch.Tensor) -> Scalar:
     """`s` as `ArrayOps._cast` makes it: a Python number as is, a tensor in `leaf`'s dtype
     (and on its device: a CPU scalar is copied over without blocking); a PerLeaf with its
-    factor so, and its values all Python numbers or all tensors so."""
+    factor so, and its values all Python numbers or all tensors so.
+
+    As in `ArrayOps`, a scalar saturates at the largest finite value of `leaf`'s dtype where it
+    could exceed it (`gradnorm.ArrayOps` explains why: ``rho / (||g|| + eps)`` at a zero gradient
+    must not become ``inf`` in float16): a tensor is clamped before a narrowing cast (one fused
+    kernel, no host read), a Python number is clipped in Python. Float32 scalars with float32
+    leaves and anything with float64 leaves are untouched."""
     if isinstance(s, PerLeaf):
         values = s.values
         if any(isinstance(v, torch.Tensor) for v in values):
             values = tuple(_like(torch.as_tensor(v) if not isinstance(v, torch.Tensor) else v, leaf) for v in values)
+        else:
+            values = tuple(_like(v, leaf) for v in values)
         return PerLeaf._make(values, _like(s.factor, leaf))
     if not isinstance(s, torch.Tensor):
-        return s
+        return saturate_number(s, saturation_bound(_XP, float, leaf.dtype))
     if s.dtype is not leaf.dtype:
-        s = s.to(leaf.dtype)
+        bound = saturation_bound(_XP, s.dtype, leaf.dtype)
+        s = (s.clamp(-bound, bound) if bound is not None else s).to(leaf.dtype)
     if s.device != leaf.device:
         s = s.to(leaf.device, non_blocking=leaf.device.type != "cpu")
     return s
@@ -155,23 +178,6 @@ def _sign(x: Leaves) -> Sequence[torch.Tensor]:
     return out
 
 
-def _count_below(x: Leaves, tol: Scalar, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Per leaf, the number of entries with `|a| < tol`, as `dtype`.
-
-    sign(|a| - tol) is -1 exactly where |a| < tol (a floating-point difference is zero only
-    for equal operands and keeps the sign), 0 for nan (torch.sign(nan) == 0, and nan < tol is
-    False), so after clamping at 0 the L1 sum counts the entries below.
-    """
-    work = torch._foreach_abs(x)
-    if isinstance(tol, torch.Tensor):
-        torch._foreach_add_(work, tol, alpha=-1)
-    else:
-        torch._foreach_sub_(work, tol)
-    torch._foreach_sign_(work)
-    torch._foreach_clamp_max_(work, 0.0)
-    return _l1(work, dtype)
-
-
 def _cast(x: Leaves, dtype: torch.dtype) -> Leaves:
     """Fresh copies of `x` in `dtype` (one fused copy kernel)."""
     out = [torch.empty_like(a, dtype=dtype) for a in x]
@@ -194,6 +200,171 @@ def _groups(x: Sequence[torch.Tensor]) -> list[list[int]] | None:
     return list(groups.values())
 
 
+# --------------------------------------------------------------------------------------
+# DTensor lists (FSDP2 `fully_shard`, tensor parallelism)
+#
+# Most `_foreach_*` ops have no DTensor sharding strategy (`_foreach_copy_`), and DTensor's
+# per-op dispatch is slow. A list whose first leaf is a DTensor is therefore computed on the local
+# shards with the same fused kernels: elementwise operations on leaves of one placement are
+# elementwise on the shards, and their results are wrapped back as DTensors of the first list's
+# placements (a leaf of another list with other placements is redistributed first). Reductions
+# sum the shards' partials and all-reduce them over the mesh dimensions the leaves are sharded on
+# (not over those they are replicated on), so a norm is the norm of the full parameters on every
+# rank. Plain lists never come here: one type check of the first leaf per call.
+
+_DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")
+_dtensor_type: Any = None
+
+
+def _is_dtensor(t: Any) -> bool:
+    """Whether `t` is a DTensor. No DTensor exists before its module is imported, so this never
+    imports it (that takes seconds) and costs one isinstance check once it is loaded."""
+    global _dtensor_type
+    cls = _dtensor_type
+    if cls is None:
+        for name in _DTENSOR_MODULES:
+            cls = getattr(sys.modules.get(name), "DTensor", None)
+            if cls is not None:
+                break
+        else:
+            return False
+        _dtensor_type = cls
+    return isinstance(t, cls)
+
+
+def _replicate_partial(t: Any) -> Any:
+    """`t` with any Partial placement (pending sums) reduced to Replicate: a shard of a partial
+    sum is not the value of anything elementwise."""
+    placements = t.placements
+    if not any(p.is_partial() for p in placements):
+        return t
+    try:
+        from torch.distributed.tensor import Replicate
+    except ImportError:  # pragma: no cover - torch < 2.4
+        from torch.distributed._tensor import Replicate
+
+    return t.redistribute(t.device_mesh, [Replicate() if p.is_partial() else p for p in placements])
+
+
+def _local(t: Any) -> torch.Tensor:
+    """The local shard of DTensor `t` (the tensor its storage lives in: in-place writes reach `t`)."""
+    local = getattr(t, "_local_tensor", None)
+    return local if local is not None else t.to_local()
+
+
+def _local_like(t: Any, ref: Any) -> torch.Tensor:
+    """The local shard of `t` laid out as `ref` (a DTensor without Partial placements, or a plain
+    tensor): elementwise operations on the two are then elementwise on the shards."""
+    if not _is_dtensor(ref):
+        if _is_dtensor(t):
+            return t.full_tensor()
+        return t
+    if not _is_dtensor(t):
+        raise TypeError(
+            "gradnorm cannot combine a plain tensor with a DTensor leaf: the lists of a step must be all "
+            f"DTensors where the parameters are (shape {tuple(t.shape)})."
+        )
+    if t is not ref:
+        spec, ref_spec = t._spec, ref._spec
+        if spec is not ref_spec and (spec.placements != ref_spec.placements or spec.mesh != ref_spec.mesh):
+            t = t.redistribute(ref_spec.mesh, ref_spec.placements)
+    return _local(t)
+
+
+def _local_lists(lists: tuple[Leaves, ...]) -> tuple[list[Leaves], list[Any]]:
+    """The local shards of `lists`, laid out as the first list's leaves (returned as the second
+    item: the references to wrap results as); a list given twice stays one list (``x is y``)."""
+    refs = [_replicate_partial(a) if _is_dtensor(a) else a for a in lists[0]]
+    out: list[Leaves] = []
+    for k, leaves in enumerate(lists):
+        same = next((j for j in range(k) if lists[j] is leaves), None)
+        out.append(out[same] if same is not None else [_local_like(t, r) for t, r in zip(leaves, refs)])
+    return out, refs
+
+
+def _wrap(local: torch.Tensor, ref: Any) -> Any:
+    """`local` as a DTensor laid out as `ref` (as is where `ref` is a plain tensor)."""
+    if not _is_dtensor(ref):
+        return local
+    if local.dtype is ref.dtype:
+        try:
+            return type(ref)(local, ref._spec, requires_grad=False)  # the spec is the same: no checks, no autograd
+        except (AttributeError, TypeError):  # pragma: no cover - a future DTensor without this constructor
+            pass
+    return type(ref).from_local(local, ref.device_mesh, ref.placements, run_check=False, shape=ref.shape,
+                                stride=ref.stride())
+
+
+def _local_scalar(s: Scalar) -> Scalar:
+    """A scalar that is a DTensor, or a PerLeaf holding some, as plain tensors (their full values)."""
+    if isinstance(s, PerLeaf):
+        if any(_is_dtensor(v) for v in s.values):
+            return PerLeaf._make(tuple(_local_scalar(v) for v in s.values), _local_scalar(s.factor))
+        return s if not _is_dtensor(s.factor) else PerLeaf._make(s.values, _local_scalar(s.factor))
+    return s.full_tensor() if _is_dtensor(s) else s
+
+
+def _shard_groups(refs: list[Any]) -> list[tuple[Any, tuple[int, ...], list[int]]]:
+    """The leaf indices of `refs` by (mesh, mesh dimensions they are sharded on): a reduction sums
+    each group's local partials over those dimensions. Plain tensors have mesh None."""
+    groups: dict[Any, list[int]] = {}
+    for i, r in enumerate(refs):
+        if _is_dtensor(r):
+            spec = r._spec
+            key = (spec.mesh, tuple(d for d, p in enumerate(spec.placements) if p.is_shard()))
+        else:
+            key = (None, ())
+        groups.setdefault(key, []).append(i)
+    return [(mesh, dims, idx) for (mesh, dims), idx in groups.items()]
+
+
+def _all_reduce(value: torch.Tensor, mesh: Any, dims: Sequence[int], op: Any) -> torch.Tensor:
+    """`value` reduced with `op` over the mesh dimensions `dims` (one collective each), on its
+    device (shards offloaded to the CPU with a CUDA mesh go through the mesh's device)."""
+    import torch.distributed as dist
+
+    device = value.device
+    if device.type != mesh.device_type:
+        value = value.to(mesh.device_type)
+    for d in dims:
+        dist.all_reduce(value, op=op, group=mesh.get_group(d))
+    return value.to(device)
+
+
+def _writable_locals(dst: Leaves, src: Leaves) -> tuple[Leaves, Leaves]:
+    """The local shards of `dst` (writes into them reach `dst`) and of `src` laid out as `dst`."""
+    for d in dst:
+        if _is_dtensor(d) and any(p.is_partial() for p in d.placements):
+            raise TypeError("gradnorm cannot write into a DTensor with a Partial placement.")
+    (local_dst, local_src), _ = _local_lists((dst, src))
+    return local_dst, local_src
+
+
+def copy_(dst: Leaves, src: Leaves) -> None:
+    """``dst[i].copy_(src[i])`` for every leaf, in one fused kernel (on the local shards for
+    DTensors, where ``_foreach_copy_`` has no sharding strategy). Exact, bit for bit."""
+    if not dst:
+        return
+    if _is_dtensor(dst[0]):
+        torch._foreach_copy_(*_writable_locals(dst, src))
+    else:
+        torch._foreach_copy_(dst, src)
+
+
+def dtensor_mesh(params: Sequence[torch.Tensor]) -> Any:
+    """The device mesh of the parameters when they are DTensors (judged by the first), else None."""
+    return params[0].device_mesh if params and _is_dtensor(params[0]) else None
+
+
+def mesh_mean(value: torch.Tensor, mesh: Any) -> torch.Tensor:
+    """The mean of the 0-d `value` over all ranks of `mesh` (a fresh tensor; the input is untouched)."""
+    import torch.distributed as dist
+
+    out = value.detach().clone()
+    _all_reduce(out, mesh, range(mesh.ndim), dist.ReduceOp.SUM)
+    return out / mesh.size()
+
+
 class TorchForeachOps(ArrayOps):
     """:class:`gradnorm.ArrayOps` on fused ``torch._foreach_*`` kernels.
 
@@ -208,19 +379,25 @@ class TorchForeachOps(ArrayOps):
     plain sum's, a few units in the last place of ``sum(|p|)``). ``sign`` returns nan for nan
     as the Array API (and ``array_api_compat.torch.sign``, with a per-leaf boolean-mask write)
     does, although ``torch.sign(nan)`` is 0. Empty lists give empty lists and 0-d float32 zeros.
+    Lists of DTensors (FSDP2) are computed on their local shards, with global reductions.
     """
 
     def __init__(self) -> None:
-        super().__init__(array_api_compat.array_namespace(torch.empty(0)))
+        super().__init__(_XP)
         self._ones: dict[torch.device, torch.Tensor] = {}  # the unscale factor 1 of `all_finite`, per device
 
     # -- plumbing -------------------------------------------------------------------------
     @staticmethod
     def _map(fn: Callable[..., Sequence[torch.Tensor]], lists: tuple[Leaves, ...], scalars: tuple[Scalar, ...] = ()) -> Leaves:
-        """`fn(*lists, *scalars)` on each dtype group of `lists[0]`, in the original order."""
+        """`fn(*lists, *scalars)` on each dtype group of `lists[0]`, in the original order. DTensor
+        lists: on the local shards, the results wrapped as DTensors laid out as `lists[0]`."""
         x = lists[0]
         if not x:
             return []
+        if _is_dtensor(x[0]):
+            local, refs = _local_lists(lists)
+            out = TorchForeachOps._map(fn, tuple(local), tuple(_local_scalar(s) for s in scalars))
+            return [_wrap(o, r) for o, r in zip(out, refs)]
         groups = _groups(x)
         if groups is None:
             return list(fn(*lists, *[_like(s, x[0]) for s in scalars]))
@@ -246,6 +423,33 @@ class TorchForeachOps(ArrayOps):
         for idx in groups:
             partials.extend(fn(*[[leaves[i] for i in idx] for leaves in lists], acc))
         return partials
+
+    @staticmethod
+    def _over_shards(fn: Callable[..., torch.Tensor], lists: tuple[Leaves, ...], op: str = "sum") -> torch.Tensor:
+        """A reduction of DTensor lists: `fn` (a reduction of plain lists to a 0-d tensor, summable
+        over shards, or with ``op="max"`` over which the max is taken) on the local shards of each
+        group of leaves sharded alike, all-reduced over the mesh dimensions they are sharded on;
+        the groups' values combined. The same 0-d plain tensor on every rank."""
+        import torch.distributed as dist
+
+        local, refs = _local_lists(lists)
+        groups = _shard_groups(refs)
+        reduce_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+        total: torch.Tensor | None = None
+        for mesh, dims, idx in groups:
+            if len(groups) == 1:
+                parts = local
+            else:
+                parts = []
+                for k, leaves in enumerate(local):  # keep a list given twice one list (x is y)
+                    same = next((j for j in range(k) if local[j] is leaves), None)
+                    parts.append(parts[same] if same is not None else [leaves[i] for i in idx])
+            value = fn(*parts)
+            if dims:
+                value = _all_reduce(value.clone(), mesh, dims, reduce_op)
+            total = value if total is None else (torch.maximum(total, value) if op == "max" else total + value)
+        assert total is not None
+        return total
 
     @staticmethod
     def _zero() -> torch.Tensor:
@@ -275,6 +479,10 @@ class TorchForeachOps(ArrayOps):
     def axpy_(self, s: Scalar, x: Leaves, y: Leaves) -> None:
         """`y += s * x` in place: the one mutating method, for buffers the caller owns (the
         optimizer forms an evaluation point in its weights this way, without a temporary)."""
+        if y and _is_dtensor(y[0]):  # on y's own shards, x laid out as y
+            local_y, local_x = _writable_locals(y, x)
+            self._map(_axpy_inplace, (local_x, local_y), (_local_scalar(s),))
+            return
         self._map(_axpy_inplace, (x, y), (s,))
 
     def abs(self, x: Leaves) -> Leaves:
@@ -292,6 +500,8 @@ class TorchForeachOps(ArrayOps):
             return self._zero()
         if x is y:
             return self._sum_of_squares(x)
+        if _is_dtensor(x[0]):
+            return self._over_shards(self.vdot, (x, y))
 
         def parts(u: Leaves, v: Leaves, acc: torch.dtype) -> list[torch.Tensor]:
             if u[0].dtype is acc:
@@ -308,6 +518,8 @@ class TorchForeachOps(ArrayOps):
         return partials[0] if len(partials) == 1 else torch.stack(partials).sum()
 
     def _sum_of_squares(self, x: Leaves) -> torch.Tensor:
+        if _is_dtensor(x[0]):
+            return self._over_shards(self._sum_of_squares, (x,))
         partials = self._reduce(_sumsq, (x,))
         return torch.stack(partials).sum()
 
@@ -317,10 +529,6 @@ class TorchForeachOps(ArrayOps):
             return self._zero()
         return torch.sqrt(self._sum_of_squares(x))
 
-    def weighted_norm(self, w: Leaves, x: Leaves) -> Any:
-        """`|| w * x ||` (the product in the leaves' dtype, as `ArrayOps`)."""
-        return self.norm(self.mul(w, x))
-
     def all_finite(self, x: Leaves) -> Any:
         """Whether every entry is finite, in one fused pass per dtype: PyTorch's own inf/nan check
         for gradient lists (the kernel `GradScaler.unscale_` runs), with an unscale factor of
@@ -328,23 +536,20 @@ class TorchForeachOps(ArrayOps):
         grad, which must not be written, take the per-leaf `ArrayOps` check."""
         if not x:
             return torch.ones((), dtype=torch.bool)
+        if _is_dtensor(x[0]):  # non-finite anywhere, on any rank's shard: False on every rank
+            check = super().all_finite if any(a.requires_grad for a in x) else self.all_finite
+            return self._over_shards(lambda part: (~check(part)).to(torch.float32), (x,), "max") == 0
         if any(a.requires_grad for a in x):
             return super().all_finite(x)
         device = x[0].device
-        one = self._ones.get(device)
+        one = self._ones.get(device) if not _compiling() else None  # traced: a constant, no guard on the cache
         if one is None:
-            one = self._ones[device] = torch.ones((), dtype=torch.float32, device=device)
+            one = torch.ones((), dtype=torch.float32, device=device)
+            if not _compiling():
+                self._ones[device] = one
         found = torch.zeros(1, dtype=torch.float32, device=device)
         groups = _groups(x)
         with torch.no_grad():
             for part in [x] if groups is None else [[x[i] for i in idx] for idx in groups]:
                 torch._amp_foreach_non_finite_check_and_unscale_(part, found, one)
         return found.view(()) == 0
-
-    def count_below(self, x: Leaves, tol: float) -> Any:
-        """Fraction of all entries with `|x| < tol` (0-d, accumulation dtype)."""
-        if not x:
-            return self._zero()
-        partials = self._reduce(lambda u, acc: _count_below(u, _like(tol, u[0]), acc), (x,))
-        total = sum(leaf.numel() for leaf in x)
-        return torch.stack(partials).sum() / max(total, 1)

@@ -1,168 +1,29 @@
-"""``gradnorm.torch.Optimizer``: any gradnorm rule around any ``torch.optim`` optimizer."""
+"""``gradnorm.torch.Optimizer``: any gradnorm rule around any ``torch.optim`` optimizer.
+
+This module is the orchestration of a step; the pieces live beside it: the closure oracle on the
+shared live-weights mechanism (`_closure`), GradScaler handling (`_scaler`), parameter-group
+routing (`_groups`) and checkpoints (`_checkpoint`).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import operator
-import warnings
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .. import rules as _rules
-from .._errors import GradnormError, HyperparameterError, describe
-from .._tree import PerLeaf
+from .._errors import ClosureError, GradnormError, HyperparameterError, describe
+from .._oracle import PERTURBATIONS
+from . import _accelerate_guard, _checkpoint
+from ._closure import BackwardCounter, ClosureOracle, accepts_create_graph, check_closure_loss
+from ._groups import GroupRules, check_base_kwargs, rule_class
 from ._ops import TorchForeachOps
+from ._scaler import ScalerHook
 
 __all__ = ["Optimizer", "ClosureError"]
-
-
-class ClosureError(GradnormError, TypeError):
-    """``step`` was called without a usable closure."""
-
-
-def _accepts_create_graph(closure: Callable[..., Any]) -> bool:
-    try:
-        params = inspect.signature(closure).parameters
-    except (TypeError, ValueError):  # builtins, C callables
-        return False
-    return "create_graph" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-class _ClosureOracle:
-    """The gradnorm oracle of one optimizer step: evaluates the user's closure at any point by
-    writing the point into the parameters (the weights are restored by the optimizer)."""
-
-    def __init__(self, params: list[torch.Tensor], closure: Callable[..., Any] | None, needs_hvp: bool,
-                 model: torch.nn.Module | None = None, same_randomness: bool = False, ddp: str | None = None,
-                 grad_scaler: Any = None, backup: list[torch.Tensor] | None = None, ops: Any = None):
-        self.ddp = ddp  # None, "local" or "global"
-        self.backup = backup  # an exact copy of the weights, which the rule sees as `params`
-        self.ops = ops
-        self.at: list[torch.Tensor] | None = backup  # a list whose values the weights hold now
-        self.grad_scaler = grad_scaler
-        self.params = params
-        self.closure = closure
-        self.has_hvp = needs_hvp
-        self.model = model
-        self.same_randomness = same_randomness
-        self.rng_before_first: Any = None
-        self.buffers_after_first: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.moved = False  # whether the weights left their values (then they must be restored)
-        self._graph: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (point, grads with graph)
-
-    def _run(self, create_graph: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        if self.closure is None:
-            raise ClosureError(
-                "This rule evaluates the loss at perturbed weights: pass `closure` to `step` (a function that "
-                "zeroes the gradients, computes the loss on the current minibatch, calls `loss.backward()` and "
-                "returns the loss)."
-            )
-        for p in self.params:
-            p.grad = None
-        with torch.enable_grad(), warnings.catch_warnings() if create_graph else contextlib.nullcontext():
-            if create_graph:
-                # backward(create_graph=True) warns about a parameter <-> .grad reference cycle;
-                # the gradients are detached from the parameters right below, which breaks it.
-                warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-            sync = self.model.no_sync() if self.ddp == "local" else contextlib.nullcontext()
-            with sync:  # forward and backward both inside no_sync: DDP decides in forward
-                loss = self.closure(create_graph=True) if create_graph else self.closure()
-        if not isinstance(loss, torch.Tensor):
-            raise ClosureError(f"`closure` must return the loss as a tensor. Received: {describe(loss)}.")
-        if self.ddp == "global":
-            loss = loss.detach().clone()
-            torch.distributed.all_reduce(loss)
-            loss = loss / torch.distributed.get_world_size()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        for p in self.params:
-            p.grad = None
-        if self.grad_scaler is not None and self.grad_scaler._scale is not None:
-            # as GradScaler.unscale_: multiply by the float32 reciprocal of the scale, on device
-            inv_scale = self.grad_scaler._scale.double().reciprocal().float()
-            grads = list(torch._foreach_mul(grads, inv_scale))
-        return loss.detach(), grads
-
-    def _holds(self, point: list[torch.Tensor]) -> bool:
-        """Whether the weights hold the values of `point` now (they are `point`, or were last
-        set from it)."""
-        return _same_list(point, self.params) or (self.at is not None and _same_list(point, self.at))
-
-    def _move_to(self, point: list[torch.Tensor]) -> None:
-        if not self._holds(point):
-            with torch.no_grad():
-                torch._foreach_copy_(self.params, point)
-            self.moved = True
-            self.at = point
-
-    def first(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Loss and gradient at the current weights (kept with their graph for ``gr``)."""
-        if self.same_randomness:
-            self.rng_before_first = _rng_state()
-        if not self.has_hvp:
-            return self._run()
-        loss, grads = self._run(create_graph=True)
-        detached = [g.detach() for g in grads]
-        self._graph = (detached, grads)
-        return loss, detached
-
-    def value_and_grad(self, point: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        self._move_to(point)
-        return self._extra_pass()
-
-    def value_and_grad_along(self, base: list[torch.Tensor], step: Any, v: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """At `base + step * v`, formed in the weights in place (no parameter-sized temporary)."""
-        self._move_to(base)
-        self.moved = True  # before writing: a failure half way must still restore
-        self.at = None
-        with torch.no_grad():
-            self.ops.axpy_(step, v, self.params)
-        return self._extra_pass()
-
-    def _extra_pass(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        if self.model is not None and self.buffers_after_first is None:
-            # the state after the pass at the unperturbed weights, to be put back after the step
-            self.buffers_after_first = [(b, b.detach().clone()) for b in self.model.buffers()]
-        if self.rng_before_first is not None:
-            _set_rng_state(self.rng_before_first)
-        return self._run()
-
-    def restore_buffers(self) -> None:
-        if self.buffers_after_first:
-            with torch.no_grad():
-                for buffer, saved in self.buffers_after_first:
-                    buffer.copy_(saved)
-
-    def hvp(self, point: list[torch.Tensor], v: list[torch.Tensor]) -> list[torch.Tensor]:
-        if self._graph is None or any(a is not b for a, b in zip(point, self.params)):
-            raise ClosureError("gradnorm.torch.Optimizer computes Hessian-vector products at the current weights only.")
-        _, grads = self._graph
-        with_graph = [(i, g) for i, g in enumerate(grads) if g.requires_grad]
-        out = [torch.zeros_like(p) for p in self.params]
-        if with_graph:
-            idx, gs = zip(*with_graph)
-            hv = torch.autograd.grad(gs, self.params, grad_outputs=[v[i] for i in idx], allow_unused=True)
-            out = [h if h is not None else torch.zeros_like(p) for h, p in zip(hv, self.params)]
-        self._graph = None
-        return out
-
-
-def _same_list(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(map(operator.is_, a, b))
-
-
-def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -238,10 +99,11 @@ class Optimizer(torch.optim.Optimizer):
         grad_scaler: Any = None,
         skip_nonfinite: bool = True,
         info_norms: bool = False,
+        clip_grad_norm: float | None = None,
         **kwargs: Any,
     ):
-        rule_cls = _rule_class(rule)
-        names = {h.name for h in rule_cls.spec()} if rule_cls is not None else set()
+        cls = rule_class(rule)
+        names = {h.name for h in cls.spec()} if cls is not None else set()
         rule_kwargs = {k: v for k, v in kwargs.items() if k in names}
         base_kwargs = {k: v for k, v in kwargs.items() if k not in names}
         self.rule = _rules.get(rule, **rule_kwargs)
@@ -251,14 +113,18 @@ class Optimizer(torch.optim.Optimizer):
                 raise TypeError(f"`{name}` must be True or False. Received: {describe(value)}.")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"`model` must be None or a torch.nn.Module. Received: {describe(model)}.")
-        if perturbation not in ("local", "global"):
-            raise ValueError(f"`perturbation` must be 'local' or 'global'. Received: {describe(perturbation)}.")
-        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
-            raise TypeError(f"`grad_scaler` must be None or a torch.amp.GradScaler. Received: {describe(grad_scaler)}.")
-        if grad_scaler is not None and not skip_nonfinite:
-            raise ValueError("`skip_nonfinite` must be True with a `grad_scaler`: an overflow step must not be applied.")
-        self.grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        if not isinstance(perturbation, str) or perturbation not in PERTURBATIONS:
+            raise ValueError(
+                f"`perturbation` must be one of {', '.join(repr(p) for p in PERTURBATIONS)}. Received: {describe(perturbation)}."
+            )
+        if clip_grad_norm is not None and (
+            isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float))
+            or not math.isfinite(clip_grad_norm) or clip_grad_norm <= 0
+        ):
+            raise ValueError(f"`clip_grad_norm` must be None or a finite number > 0. Received: {describe(clip_grad_norm)}.")
+        self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         self.skip_nonfinite = skip_nonfinite
+        self.use_grad_scaler(grad_scaler)
         self.info_norms = info_norms
         self.same_randomness = same_randomness
         self.perturbation = perturbation
@@ -271,197 +137,283 @@ class Optimizer(torch.optim.Optimizer):
                 )
             self.base = base
         elif isinstance(base, type) and issubclass(base, torch.optim.Optimizer):
-            _check_base_kwargs(base, base_kwargs, self.rule, names)
+            check_base_kwargs(base, base_kwargs, self.rule, names)
             self.base = base(params, **base_kwargs)
         else:
             raise TypeError(
                 f"`base` must be a torch.optim.Optimizer class (such as torch.optim.SGD) or instance. Received: {describe(base)}."
             )
-        spec = type(self.rule).spec()
-        # A name the base optimizer uses too (GNP's `alpha` and RMSprop's) belongs to the base in
-        # the groups; the rule's value is then the one given here, for every group.
-        self._leafwise = tuple(h.name for h in spec if h.leafwise and h.name not in self.base.defaults)
-        self._checks = {h.name: h.check for h in spec if h.name not in self.base.defaults}
-        for name, value in self.rule.config.items():
-            if isinstance(value, PerLeaf):
-                raise HyperparameterError(
-                    f"`{name}` of gradnorm.torch.Optimizer must be one value; give per-parameter values through "
-                    f"parameter groups (`{{'params': ..., '{name}': ...}}`). Received: {value!r}."
-                )
-        self._group_rule: tuple[Any, _rules.Rule] | None = None
-        # Every group carries the rule's per-group hyperparameters, as it carries `lr`.
-        defaults = {**self.base.defaults, **{name: self.rule.config[name] for name in self._leafwise}}
-        super().__init__(self.base.param_groups, defaults)
+        self._groups = GroupRules(self.rule, self.base.defaults)
+        super().__init__(self.base.param_groups, {**self.base.defaults, **self._groups.group_defaults()})
         # Share the base optimizer's group dicts and state: LR schedulers and anything else that
         # edits `param_groups` act on the optimizer that applies the update.
         self.param_groups = self.base.param_groups
         self.state = self.base.state
-        self.rule_state: Any = None
-        self._rule_for_step(self._params())  # validates the groups' values now
-        self.last_info: dict[str, Any] = {}
         self._ops = TorchForeachOps()
+        self._scratch: list[torch.Tensor] | None = None
+        self._left: list[tuple[torch.Tensor, int]] | None = None  # the .grad tensors step() left, with their versions
+        self._batches: list[tuple[torch.Tensor, Callable[[], Any], bool]] = []  # register_batch, since the last step
+        self._backward_count: BackwardCounter | None = None
+        self.last_info: dict[str, Any] = {}
+        # The rule state exists from construction (a compiled step finds it; checkpoints hold it).
+        params = self._params()
+        self.rule_state: Any = self._groups.for_step(self.param_groups, params).init(params)
+        # gradients already in .grad now (a model trained before) are not accumulated micro-batches
+        self._remember_grads(params)
+
+    def use_grad_scaler(self, grad_scaler: Any) -> None:
+        """Own this ``torch.amp.GradScaler`` from now on (None: none), as if given to the constructor:
+        for integrations whose trainer made the scaler (`gradnorm.torch.lightning.GradnormMixedPrecision`)."""
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(f"`grad_scaler` must be None or a torch.amp.GradScaler. Received: {describe(grad_scaler)}.")
+        if grad_scaler is not None and not self.skip_nonfinite:
+            raise ValueError("`skip_nonfinite` must be True with a `grad_scaler`: an overflow step must not be applied.")
+        self.grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        self._scaler = ScalerHook(self.grad_scaler) if self.grad_scaler is not None else None
 
     # -- parameter groups -------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (to the base optimizer too: they share `param_groups`). It may carry its
         own values of the rule's per-group hyperparameters; the others must not differ."""
-        for name in param_group:
-            if name in self._checks and name not in self._leafwise and not _same(param_group[name], self.rule.config[name]):
-                raise HyperparameterError(
-                    f"`{name}` of rule '{self.rule.name}' cannot differ between parameter groups: a group has "
-                    f"{param_group[name]!r}, the optimizer {self.rule.config[name]!r}. Per-group values are accepted for: "
-                    f"{', '.join(self._leafwise) or 'none of its hyperparameters'}."
-                )
+        groups = getattr(self, "_groups", None)
+        if groups is not None:
+            groups.check_group(param_group)
         super().add_param_group(param_group)
 
-    def _rule_for_step(self, params: list[torch.Tensor]) -> _rules.Rule:
-        """The rule with the groups' current per-group values (a scheduler may have changed them):
-        one value where all groups agree, else a `PerLeaf` over `params`. Cached while unchanged."""
-        if not self._leafwise:
-            return self.rule
-        key = [(len(params),)] + [tuple(group[n] for n in self._leafwise) for group in self.param_groups]
-        cached = self._group_rule
-        if cached is not None and len(cached[0]) == len(key) and all(
-            all(_same(a, b) for a, b in zip(old, new)) for old, new in zip(cached[0], key)
-        ):
-            return cached[1]
-        changes: dict[str, Any] = {}
-        for name in self._leafwise:
-            per_group = []
-            for i, group in enumerate(self.param_groups):
-                try:
-                    value = self._checks[name](self.rule.name, name, group[name])
-                except HyperparameterError as err:
-                    raise HyperparameterError(f"In param_groups[{i}]: {err}") from None
-                per_group.append((value, sum(1 for p in group["params"] if p.requires_grad)))
-            if all(_same(v, per_group[0][0]) for v, _ in per_group):
-                changes[name] = per_group[0][0]
-            else:
-                changes[name] = PerLeaf([v for v, count in per_group for _ in range(count)])
-        rule = self.rule.replace(**changes)
-        self._group_rule = (key, rule)
-        return rule
-
-    # -- the step ---------------------------------------------------------------------------
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
+    # -- the step ---------------------------------------------------------------------------
     def step(self, closure: Callable[..., Any] | None = None, *, loss: torch.Tensor | None = None) -> Any:  # type: ignore[override]
         """One training step; returns the loss at the current weights (from the closure's first
         call, or ``loss`` when given)."""
+        self._check_step_arguments(closure, loss)
+        if closure is not None:  # accelerate would drop the closures of its non-sync micro-batches
+            _accelerate_guard.refuse_closure_under_accumulation()
         params = self._params()
-        if self.rule.needs_hvp:
-            if loss is not None:
-                raise ClosureError(f"Rule '{self.rule.name}' needs the first pass with `create_graph`: call `step(closure)` without `loss`.")
-            if closure is None or not _accepts_create_graph(closure):
-                raise ClosureError(
-                    f"Rule '{self.rule.name}' differentiates the gradient: `closure` must accept `create_graph` and pass it "
-                    f"to backward, e.g. `def closure(create_graph=False): opt.zero_grad(); loss = loss_fn(); "
-                    f"loss.backward(create_graph=create_graph); return loss`. Received: {describe(closure)}."
-                )
-        elif closure is None and loss is None:
-            raise ClosureError(
-                "`step` needs `closure` (it computes the loss and gradients itself, as torch.optim.LBFGS does), or "
-                "`loss=` with the gradients already in `.grad`."
-            )
-        rule = self._rule_for_step(params)
+        if closure is None and loss is None:  # a trainer ran the first pass: .grad and registered batches
+            loss, closure = self._registered_first_pass(params)
+        elif loss is None:
+            self._refuse_foreign_gradients(params)
+        rule = self._groups.for_step(self.param_groups, params)
         if self.rule_state is None:
             self.rule_state = rule.init(params)
         ddp = self.perturbation if _is_distributed(self.model) else None
-        # Rules evaluate the closure at points computed from the weights, and the oracle writes
-        # those points into the live parameters: the rule must see a snapshot, which is also the
-        # exact copy the weights are restored from (the one parameter-sized buffer of the floor).
-        backup = self._snapshot(params) if rule.grad_evals > 1 else None
-        point = backup if backup is not None else params
-        oracle = _ClosureOracle(params, closure, rule.needs_hvp, self.model, self.same_randomness, ddp,
-                                self.grad_scaler, backup, self._ops)
+        oracle = ClosureOracle(
+            params, closure, self._ops, scratch=lambda: self._snapshot_buffer(params), has_hvp=rule.needs_hvp,
+            model=self.model, same_randomness=self.same_randomness, ddp=ddp,
+            unscale=self._scaler.unscale if self._scaler is not None else None, first_pass_done=loss is not None,
+        )
+        grads = None
+        if loss is not None:
+            loss = oracle.global_loss(loss.detach())
+            grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
         try:
-            if loss is None:
-                first_loss, grads = oracle.first()
-            else:
-                first_loss = loss.detach()
-                grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
             with torch.no_grad():  # the closure's passes enable grad themselves
-                direction, state, info = rule.update(
-                    point, self.rule_state, oracle, loss=first_loss, grads=grads, ops=self._ops, check=False,
-                    norms=self.info_norms,
+                direction, state, info = rule.update_leaves(
+                    oracle.view, self.rule_state, oracle, loss=loss, grads=grads, ops=self._ops, norms=self.info_norms
                 )
         finally:
-            if oracle.moved:
-                with torch.no_grad():
-                    torch._foreach_copy_(params, backup)
-            oracle.restore_buffers()
+            oracle.restore()
         if ddp == "local":
             direction = _average_over_ranks(direction)
-            info = {**info, "finite": self._ops.all_finite(direction) & torch.isfinite(first_loss)}
+            info = {**info, "finite": self._ops.all_finite(direction) & torch.isfinite(info["loss"])}
         self.last_info = info
-        if self.grad_scaler is not None:
-            scaler = self.grad_scaler
-            found_inf = (~info["finite"]).to(torch.float32)
-            torch._amp_update_scale_(
-                scaler._scale, scaler._growth_tracker, found_inf,
-                scaler._growth_factor, scaler._backoff_factor, scaler._growth_interval,
-            )
-        if self.skip_nonfinite and not bool(info["finite"]):
-            for p, g in zip(params, grads):
+        if self._scaler is not None:
+            self._scaler.update(info["finite"])
+        if self.skip_nonfinite and not bool(info["finite"]):  # keep the weights; .grad holds the first gradient
+            for p, g in zip(params, grads if grads is not None else oracle.first_grads or ()):
                 p.grad = g
-            return first_loss
+            self._remember_grads(params)
+            return info["loss"]
         self.rule_state = state
         for p, d in zip(params, direction):
             p.grad = d
+        if self.clip_grad_norm is not None:  # on the rule's direction, what the base optimizer applies
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm, foreach=True)
         self.base.step()
-        return first_loss
+        self._remember_grads(params)
+        return info["loss"]
 
-    def _snapshot(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """A copy of the weights in a buffer kept between steps (never in the state dict)."""
-        buf = getattr(self, "_scratch", None)
+    # -- what is in .grad at step entry -----------------------------------------------------
+    # Host bookkeeping, kept out of torch.compile: Dynamo traces `Tensor._version` as a graph value
+    # and (torch 2.13) then drops the frame's attribute writes to a torch.optim.Optimizer, so a
+    # compiled step's second call refused its own gradients as foreign (tests/test_torch_compile.py).
+    @torch.compiler.disable
+    def _remember_grads(self, params: list[torch.Tensor]) -> None:
+        """Note the gradient tensors a step leaves in ``.grad`` (and their in-place versions), to
+        tell them at the next step from gradients someone else accumulated there."""
+        self._left = [(p.grad, p.grad._version) if p.grad is not None else (None, 0) for p in params]
+        self._forget_batches()
+
+    def _forget_batches(self) -> None:
+        self._batches = []  # a new list: a step running the registered closures keeps its own
+        if self._backward_count is not None:
+            self._backward_count.reset()
+
+    @torch.compiler.disable
+    def _refuse_foreign_gradients(self, params: list[torch.Tensor]) -> None:
+        """`step(closure)` evaluates the first pass itself. Gradients already in ``.grad`` that this
+        optimizer did not leave there (accumulated micro-batches) would be thrown away: refuse."""
+        left = self._left
+        for i, p in enumerate(params):
+            g = p.grad
+            if g is None:
+                continue
+            if left is not None and i < len(left) and left[i][0] is g and left[i][1] == g._version:
+                continue
+            raise GradnormError(
+                "The parameters hold gradients that gradnorm.torch.Optimizer did not leave there (accumulated over "
+                "micro-batches: Lightning's `accumulate_grad_batches`, accelerate's `gradient_accumulation_steps`, "
+                "or a `backward()` before `step(closure)`). step(closure) runs the first pass itself and would throw "
+                "them away, and the rule's extra passes need every micro-batch at the perturbed weights. Accumulate "
+                "inside the closure instead: `opt.step(gradnorm.torch.accumulating_closure(opt, loss_fn, "
+                "micro_batches))` (equal to the rule on the whole batch), or, where a trainer runs the backward "
+                "itself, call `opt.register_batch(loss, closure)` after each micro-batch's backward and `opt.step()` "
+                "without a closure; or call `opt.zero_grad()` first if these gradients are not wanted. If they are "
+                "the first pass of this step, pass its loss: `opt.step(closure, loss=loss)`."
+            )
+
+    def register_batch(self, loss: torch.Tensor, closure: Callable[[], Any], *, replays_randomness: bool = False) -> None:
+        """For trainers that run forward and backward themselves and then call ``step()`` without a
+        closure (the transformers ``Trainer``, Lightning's ``GradScaler`` path, accelerate): call this
+        after each (micro-)batch's backward, with the loss it back-propagated and a ``closure()`` that
+        repeats that forward and backward (without zeroing the gradients) at whatever weights the
+        parameters hold and returns the loss.
+
+        ``step()`` then takes the first pass from ``.grad`` (the sum over the registered micro-batches)
+        and evaluates the rule's extra passes by running every registered closure, so the step equals
+        the rule on the whole accumulated batch. The registrations are used by one step and then
+        dropped. It is an error, raised by ``step()`` before anything changes, when the number of
+        backward passes that reached the parameters since the last step differs from the number of
+        registered batches (a missing or stale registration).
+
+        With ``same_randomness=True`` the optimizer cannot replay the random state of a first pass it
+        did not run: the closure must restore it itself (the state before the micro-batch's forward,
+        `gradnorm.torch` integrations do) and say so with ``replays_randomness=True``; otherwise
+        ``step()`` refuses.
+        """
+        if not callable(closure):
+            raise ClosureError(f"`closure` of register_batch must be a callable that repeats the batch's forward and backward. Received: {describe(closure)}.")
+        check_closure_loss(loss, "loss")
+        if self._backward_count is None:
+            # counting starts with the first registration: the backward just run is the first one
+            self._backward_count = BackwardCounter(self._params(), already=1)
+        self._batches.append((loss.detach(), closure, bool(replays_randomness)))
+
+    def _registered_first_pass(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, Callable[[], Any]]:
+        """The first pass from ``.grad`` and the registered batches: `(loss, closure)`."""
+        batches, counter = self._batches, self._backward_count
+        if not batches:
+            raise ClosureError(
+                "`step()` was called without a closure and no batch was registered. Either pass `closure` (a function "
+                "that zeroes the gradients, computes the loss on the current minibatch, calls `loss.backward()` and "
+                "returns the loss), or, after each (micro-)batch's backward, call `opt.register_batch(loss, closure)`."
+            )
+        seen = counter.count if counter is not None else len(batches)
+        if seen != len(batches):
+            raise ClosureError(
+                f"{seen} backward pass(es) reached the parameters since the last step, but {len(batches)} batch(es) were "
+                f"registered with `register_batch`: register each (micro-)batch right after its backward, once."
+            )
+        if all(p.grad is None for p in params):
+            raise ClosureError("Batches were registered but the parameters hold no gradients: run the backward first.")
+        if self.same_randomness and not all(replays for _, _, replays in batches):
+            raise ClosureError(
+                "same_randomness=True, but a registered closure does not replay the random state of its micro-batch's "
+                "first pass (which ran outside the optimizer): restore it in the closure and register with "
+                "`replays_randomness=True`."
+            )
+        total = batches[0][0]
+        for loss, _, _ in batches[1:]:
+            total = total + loss
+        closures = [c for _, c, _ in batches]
+
+        def closure() -> torch.Tensor:
+            self.zero_grad()
+            out = None
+            with counter.paused() if counter is not None else contextlib.nullcontext():
+                for c in closures:
+                    value = c()
+                    value = value.detach() if isinstance(value, torch.Tensor) else value
+                    out = value if out is None else out + value
+            return out
+
+        for p in params:  # the accumulated first pass stays where step(loss=...) reads it
+            if p.grad is not None:
+                p.grad = p.grad.detach()
+        return total, closure
+
+    def _check_step_arguments(self, closure: Any, loss: Any) -> None:
+        """Errors naming the argument, before anything runs."""
+        if closure is not None and not callable(closure):
+            raise ClosureError(
+                f"`closure` must be None or a callable that computes the loss and its gradients (torch.optim.LBFGS "
+                f"convention). Received: {describe(closure)}."
+            )
+        if loss is not None:
+            check_closure_loss(loss, "loss")
+            if self.same_randomness:
+                raise ClosureError(
+                    "same_randomness=True needs the first pass inside step (the random state before it must be "
+                    "replayed in the extra passes): call `step(closure)` without `loss=`."
+                )
+        if self.rule.needs_hvp:
+            if loss is not None:
+                raise ClosureError(f"Rule '{self.rule.name}' needs the first pass with `create_graph`: call `step(closure)` without `loss`.")
+            if closure is None or not accepts_create_graph(closure):
+                raise ClosureError(
+                    f"Rule '{self.rule.name}' differentiates the gradient: `closure` must accept `create_graph` and pass it "
+                    f"to backward, e.g. `def closure(create_graph=False): opt.zero_grad(); loss = loss_fn(); "
+                    f"loss.backward(create_graph=create_graph); return loss`. A trainer that runs the backward and calls "
+                    f"`step()` itself cannot do this: use rule='fd_gr', the same update by a finite difference. "
+                    f"Received: {describe(closure)}."
+                )
+
+    def _snapshot_buffer(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The buffer the weights are copied into before a rule first moves them (kept between
+        steps, never in the state dict): the one parameter-sized buffer of the floor."""
+        buf = self._scratch
         if buf is None or len(buf) != len(params) or any(
             b.shape != p.shape or b.dtype != p.dtype or b.device != p.device for b, p in zip(buf, params)
         ):
-            buf = [torch.empty_like(p) for p in params]
-            self._scratch = buf
-        with torch.no_grad():
-            torch._foreach_copy_(buf, params)
+            buf = self._scratch = [torch.empty_like(p, requires_grad=False) for p in params]
         return buf
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``; it also drops the batches registered with
+        `register_batch` (their gradients are gone)."""
         self.base.zero_grad(set_to_none=set_to_none)
+        self._forget_batches()
+        if not set_to_none:  # zeros this optimizer wrote are not foreign gradients
+            self._remember_grads(self._params())
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         out = self.base.state_dict()
-        rule_state = None if self.rule_state is None else {k: v for k, v in self.rule_state._asdict().items()}
-        out["gradnorm"] = {"rule": self.rule.name, "hyperparameters": _plain(self.rule.config), "state": rule_state}
+        out[_checkpoint.KEY] = _checkpoint.rule_entry(self.rule, self.rule_state)
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("gradnorm", None)
-        self.base.load_state_dict(state_dict)
+        """Load a checkpoint of this optimizer: everything is validated first (the rule entry
+        against this optimizer's rule, the base optimizer's groups by the base optimizer), and
+        nothing changes when it fails."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"`state_dict` must be a dict from `Optimizer.state_dict()`. Received: {describe(state_dict)}.")
+        if _checkpoint.KEY not in state_dict:
+            raise ValueError(
+                f"`state_dict` has no '{_checkpoint.KEY}' entry: it was not saved by gradnorm.torch.Optimizer. To load "
+                f"the state of a plain torch optimizer into the base optimizer, use `optimizer.base.load_state_dict(...)`."
+            )
+        base_dict = {k: v for k, v in state_dict.items() if k != _checkpoint.KEY}
+        rule_state = _checkpoint.checked_rule_state(state_dict[_checkpoint.KEY], self.rule, self._params())
+        self.base.load_state_dict(base_dict)  # checks its groups before it changes anything
         self.param_groups = self.base.param_groups
         self.state = self.base.state
-        if extra is None:
-            return
-        if extra.get("rule") != self.rule.name:
-            raise ValueError(
-                f"`state_dict` was saved with rule '{extra.get('rule')}'; this optimizer runs rule '{self.rule.name}'."
-            )
-        saved = extra.get("state")
-        if saved is None:
-            self.rule_state = None
-        else:
-            device = self._params()[0].device
-            self.rule_state = self.rule.state_type(
-                **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in saved.items()}
-            )
+        self.rule_state = rule_state
 
     def __repr__(self) -> str:
         return f"gradnorm.torch.Optimizer({self.rule!r}, base={self.base!r})"
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal hyperparameter values, without reading a tensor (identity for tensors)."""
-    return a is b or (isinstance(a, (int, float, str, bool)) and isinstance(b, (int, float, str, bool)) and a == b)
 
 
 def _is_distributed(model: torch.nn.Module | None) -> bool:
@@ -488,34 +440,3 @@ def _average_over_ranks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         for i, t in zip(idx, _unflatten_dense_tensors(flat, [tensors[i] for i in idx])):
             out[i] = t
     return out  # type: ignore[return-value]
-
-
-def _rule_class(rule: Any) -> type[_rules.Rule] | None:
-    if isinstance(rule, _rules.Rule):
-        return None
-    if isinstance(rule, type) and issubclass(rule, _rules.Rule):
-        return rule
-    if isinstance(rule, str) and rule in _rules.REGISTRY:
-        return _rules.REGISTRY[rule]
-    _rules.get(rule)  # raises the unknown-rule error with suggestions
-    return None  # pragma: no cover
-
-
-def _check_base_kwargs(base: type, kwargs: dict[str, Any], rule: _rules.Rule, names: set[str]) -> None:
-    try:
-        params = inspect.signature(base.__init__).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    unknown = sorted(k for k in kwargs if k not in params)
-    if unknown:
-        accepted = sorted(k for k in params if k not in ("self", "params"))
-        raise HyperparameterError(
-            f"Unknown keyword arguments {unknown}: they are neither hyperparameters of rule '{rule.name}' "
-            f"({', '.join(sorted(names))}) nor arguments of {base.__module__}.{base.__qualname__} ({', '.join(accepted)})."
-        )
-
-
-def _plain(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in config.items()}

@@ -3,9 +3,14 @@
 array-api-compat does not cover TensorFlow, and ``tf.experimental.numpy`` needs
 ``experimental_enable_numpy_behavior()``, which changes TensorFlow's promotion and indexing for the
 whole process. This module instead maps the Array API functions the rules call (and a few more that
-small losses need) onto ``tf.*`` ops, one or two lines each, and changes nothing global. The rules
-reach it through ``gradnorm._tree.namespace_of``, which returns it for TensorFlow tensors and
-variables (detected through ``sys.modules``, as array-api-compat detects its libraries).
+small losses need) onto ``tf.*`` ops, one or two lines each, and changes nothing global.
+
+It is a compatibility shim of the core, like array-api-compat's per-library modules, not part of the
+TensorFlow adapter: the rules reach it through ``gradnorm._backend.namespace_of``, which returns it
+for TensorFlow tensors and variables. ``gradnorm._backend`` detects TensorFlow through
+``sys.modules`` only (as array-api-compat detects its libraries) and imports this module only then,
+so importing TensorFlow here loads nothing that was not loaded already, and ``gradnorm.tf`` (the
+adapter, which re-exports this module as ``gradnorm.tf.namespace``) is never imported by the core.
 
 It is a subset of the standard, on purpose:
 
