@@ -10,7 +10,6 @@ base-optimizer update), all measured in this process. Prints a table; no asserti
 from __future__ import annotations
 
 import argparse
-import functools
 
 import torch
 from _rules import RULES
@@ -51,14 +50,24 @@ def main() -> None:
     base = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, foreach=True)
     fns = {"gradient": closure, "update": base.step}
     opts = {}
+
+    def gradnorm_step(opt):
+        def run():
+            # the optimizers share the model: another's gradients in .grad are not this one's, and
+            # step(closure) refuses gradients it did not leave there (accumulated micro-batches)
+            model.zero_grad(set_to_none=True)
+            return opt.step(closure)
+
+        return run
+
     for rule, hyper in RULES:
         opts[rule] = gt.Optimizer(model.parameters(), torch.optim.SGD, rule=rule, lr=1e-4, momentum=0.9, foreach=True, **hyper)
-        fns[rule] = functools.partial(opts[rule].step, closure)
+        fns[rule] = gradnorm_step(opts[rule])
     # the same SAM step without its one device-to-host read (the skip decision): on a GPU that
     # read stalls the host until the device has caught up
     opts["sam, skip_nonfinite=False"] = gt.Optimizer(model.parameters(), torch.optim.SGD, rule="sam", lr=1e-4,
                                                     momentum=0.9, foreach=True, skip_nonfinite=False, rho=0.05)
-    fns["sam, skip_nonfinite=False"] = functools.partial(opts["sam, skip_nonfinite=False"].step, closure)
+    fns["sam, skip_nonfinite=False"] = gradnorm_step(opts["sam, skip_nonfinite=False"])
     try:
         from pytorch_optimizer import SAM
 
