@@ -148,7 +148,9 @@ def main() -> None:
                 print(f"| {rule} | {mode} | {steady if isinstance(steady, str) else warm} | | | | |")
                 continue
             ms, ratio = steady[mode], steady[mode] / steady["eager"]
-            cost = f"{warm['first']:.1f} | {warm['next']:.1f} | {warm['graphs']} / {warm['frames']}" if warm else "- | - | -"
+            cost = "- | - | -"
+            if warm:
+                cost = f"{warm['first']:.1f} | {warm['next']:.1f} | {warm['graphs']} / {warm['frames']}"
             print(f"| {rule} | {mode} | {ms:.2f} | {ratio:.2f} | {cost} |", flush=True)
 
 
