@@ -111,6 +111,32 @@ def assert_same(got, want, tol):
 # -- no accumulation: step(closure) through AcceleratedOptimizer ------------------------------------
 
 
+def test_step_with_the_first_pass_given_goes_through_unwrap():
+    """`prepared.step(closure, loss=loss)` is refused by accelerate's wrapper (its `step` takes no
+    `loss`); the documented way, `gta.unwrap(prepared).step(closure, loss=loss)`, equals the direct loop."""
+    want, _, _ = direct("sam", one_per_step())
+    accelerator = Accelerator(cpu=True)
+    model = net(torch.float64)
+    opt = optimizer(model, "sam")
+    model, prepared, dl = accelerator.prepare(model, opt, loader(torch.float64))
+    for i, (x, y) in enumerate(dl):
+        def closure():
+            prepared.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            accelerator.backward(loss)
+            return loss
+
+        prepared.zero_grad()
+        loss = closure()
+        if i == 0:
+            with pytest.raises(TypeError, match="loss"):
+                prepared.step(closure, loss=loss)
+        gta.unwrap(prepared).step(closure, loss=loss)
+    assert_same(weights(model), want, 1e-12)
+
+
+
+
 @pytest.mark.parametrize("rule", ["sam", "gnp", "gam"])
 def test_step_closure_float64_equals_the_direct_loop(rule):
     want, want_losses, want_forwards = direct(rule, one_per_step())
