@@ -75,6 +75,14 @@ def assert_no_nan_info(info, where):
         v = np.asarray(_to_numpy(value), dtype=np.float64)
         assert not np.isnan(v).any(), f"{where}: info[{key!r}] is NaN"
 
+def assert_finite_result(res, dtype_of, where):
+    """A finite direction in each leaf's dtype, `info["finite"]` true and no NaN in `info`."""
+    assert finite_tree(res.grad), f"{where}: {res.grad}"
+    assert all(res.grad[k].dtype == dtype_of for k in res.grad), where
+    assert bool(res.info["finite"]), where
+    assert_no_nan_info(res.info, where)
+
+
 
 def _to_numpy(x):
     if hasattr(x, "detach"):  # torch
@@ -116,10 +124,7 @@ def test_zero_gradient_core_numpy(dtype, rule, hyper):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # an overflow in NumPy is a warning: fail on it
         res = gradnorm.step(params, grad_fn, rule=rule, hvp_fn=hvp_fn, **hyper)
-    assert finite_tree(res.grad), f"{rule} {hyper} {dtype}: {res.grad}"
-    assert all(res.grad[k].dtype == dt for k in res.grad)
-    assert bool(res.info["finite"])
-    assert_no_nan_info(res.info, f"{rule} {hyper} {dtype}")
+    assert_finite_result(res, dt, f"{rule} {hyper} {dtype}")
 
 
 def _torch_dtype(torch, name):
@@ -151,10 +156,7 @@ def test_zero_gradient_core_torch_tensors(dtype, rule, hyper):
 
     res = gradnorm.step({k: v.clone() for k, v in p0.items()}, grad_fn, rule=rule,
                         hvp_fn=lambda p, v: {k: x.clone() for k, x in v.items()}, **hyper)
-    assert finite_tree(res.grad), f"{rule} {hyper} {dtype}: {res.grad}"
-    assert all(res.grad[k].dtype == dt for k in res.grad)
-    assert bool(res.info["finite"])
-    assert_no_nan_info(res.info, f"{rule} {hyper} {dtype}")
+    assert_finite_result(res, dt, f"{rule} {hyper} {dtype}")
 
 
 @pytest.mark.parametrize("rule,hyper", ALL_SETTINGS, ids=ALL_IDS)
@@ -166,10 +168,7 @@ def test_zero_gradient_torch_functional_step(dtype, rule, hyper):
     dt = _torch_dtype(torch, dtype)
     p0, loss = _torch_quadratic(torch, dt)
     res = gtorch.step({k: v.clone() for k, v in p0.items()}, loss, rule=rule, **hyper)
-    assert finite_tree(res.grad), f"{rule} {hyper} {dtype}: {res.grad}"
-    assert all(res.grad[k].dtype == dt for k in res.grad)
-    assert bool(res.info["finite"])
-    assert_no_nan_info(res.info, f"{rule} {hyper} {dtype}")
+    assert_finite_result(res, dt, f"{rule} {hyper} {dtype}")
 
 
 def _torch_closure_problem(torch, dt, scale=None):
@@ -223,10 +222,7 @@ def test_zero_gradient_jax_step(dtype, rule, hyper):
 
         for fn in (gj.step, jax.jit(lambda p: gj.step(p, loss_fn, rule=rule, **hyper))):
             res = fn(p0, loss_fn, rule=rule, **hyper) if fn is gj.step else fn(p0)
-            assert finite_tree(res.grad), f"{rule} {hyper} {dtype}: {res.grad}"
-            assert all(res.grad[k].dtype == dt for k in res.grad)
-            assert bool(res.info["finite"])
-            assert_no_nan_info(res.info, f"{rule} {hyper} {dtype}")
+            assert_finite_result(res, dt, f"{rule} {hyper} {dtype}")
 
 
 @pytest.mark.parametrize("rule,hyper", ALL_SETTINGS, ids=ALL_IDS)
