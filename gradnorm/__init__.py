@@ -6,13 +6,18 @@ is a pure update over parameter pytrees written against the Python Array API::
     import gradnorm
     res = gradnorm.step(params, grad_fn, rule="fd_gr", gamma=0.1, eps=0.01)
 
+and measures flatness the same way (`gradnorm.diagnostics`: the Hessian's top eigenvalues and trace,
+SAM's sharpness, GAM's first-order flatness)::
+
+    gradnorm.diagnostics.hessian_eigenvalues(params, grad_fn, hvp_fn=hvp_fn, k=3).eigenvalues
+
 Importing gradnorm imports no deep-learning framework; the framework adapters
 (`gradnorm.torch`, `gradnorm.jax`, `gradnorm.tf`) import theirs when they are used.
 """
 
 from __future__ import annotations
 
-from . import rules
+from . import diagnostics, rules
 from ._errors import (
     ClosureError,
     GradnormError,
@@ -33,6 +38,7 @@ __all__ = [
     "step",
     "StepResult",
     "rules",
+    "diagnostics",
     "Rule",
     "Oracle",
     "FunctionOracle",

@@ -72,6 +72,9 @@ _SCRIPT = textwrap.dedent(
         assert bool(res.info["finite"]), name
         ran.append(name)
     gradnorm.flood(np.asarray(0.3), 0.1)
+    found = gradnorm.diagnostics.measure(params, grad_fn, hvp_fn=hvp_fn, iters=4, samples=3,
+                                         quantities=gradnorm.diagnostics.QUANTITIES)
+    assert abs(float(found["lambda_max"]) - 1.0) < 1e-12, found
     gradnorm.iflood(np.array([0.3, 0.05]), 0.1)
     print(json.dumps({{"after_import": after_import, "after_steps": loaded(), "ran": ran}}))
     """
@@ -102,7 +105,7 @@ def test_works_when_frameworks_cannot_be_imported():
 # ---------------------------------------------------------------------------------------
 # the core imports no adapter
 #
-# The core (gradnorm/*.py, gradnorm/rules/*.py, gradnorm/_compat/*.py) is what `gradnorm.step` runs
+# The core (gradnorm/*.py, gradnorm/rules/*.py, gradnorm/_compat/*.py, gradnorm/diagnostics/*.py) is what `gradnorm.step` runs
 # on any array library. It must never import an adapter (gradnorm.torch, gradnorm.jax, gradnorm.tf:
 # each imports its framework and more), and it imports no framework when it is imported. Backends are
 # detected through sys.modules in gradnorm/_backend.py; the one framework import is the TensorFlow
@@ -115,7 +118,7 @@ ADAPTERS = ("gradnorm.torch", "gradnorm.jax", "gradnorm.tf")
 def _core_modules() -> list[tuple[str, pathlib.Path]]:
     """(dotted name, path) of every core module."""
     out = []
-    for package in ("gradnorm", "gradnorm.rules", "gradnorm._compat"):
+    for package in ("gradnorm", "gradnorm.rules", "gradnorm._compat", "gradnorm.diagnostics"):
         folder = CORE.joinpath(*package.split(".")[1:])
         for path in sorted(folder.glob("*.py")):
             out.append((package if path.stem == "__init__" else f"{package}.{path.stem}", path))
@@ -194,7 +197,8 @@ def test_the_core_imports_no_adapter_and_no_framework():
     modules = _core_modules()
     names = {name for name, _ in modules}
     assert {"gradnorm", "gradnorm._backend", "gradnorm._tree", "gradnorm.rules", "gradnorm.rules._sam",
-            "gradnorm._compat", "gradnorm._compat.tensorflow"} <= names, sorted(names)
+            "gradnorm._compat", "gradnorm._compat.tensorflow", "gradnorm.diagnostics",
+            "gradnorm.diagnostics._curvature"} <= names, sorted(names)
     problems = [
         f"{path.relative_to(CORE.parent)}: {v}"
         for name, path in modules
