@@ -190,7 +190,7 @@ def test_spectral_density_quadrature():
 
 
 def test_gradient_norm_and_sam_sharpness_closed_form():
-    params, grad_fn, hvp_fn, a, b, calls = _quadratic(SPECTRUM)
+    params, grad_fn, _hvp_fn, a, b, _calls = _quadratic(SPECTRUM)
     x = _join(params)
     g = a @ x - b
     np.testing.assert_allclose(D.gradient_norm(params, grad_fn), np.linalg.norm(g), rtol=1e-14)
@@ -235,7 +235,7 @@ def test_first_order_flatness_against_the_secular_equation(hvp):
 
 
 def test_measure_shares_the_first_gradient():
-    params, grad_fn, hvp_fn, a, b, calls = _quadratic(SPECTRUM)
+    params, grad_fn, hvp_fn, _a, _b, calls = _quadratic(SPECTRUM)
     out = D.measure(params, grad_fn, hvp_fn=hvp_fn, quantities=("loss", "grad_norm", "sam_sharpness", "lambda_max"))
     assert set(out) == {"loss", "grad_norm", "sam_sharpness", "lambda_max"}
     assert calls["grad"] == 2  # θ once (shared) and θ + ρĝ
@@ -304,7 +304,7 @@ def test_same_results_on_every_array_library(backend):
 
 
 def test_float32_parameters_stay_float32():
-    params, grad_fn, hvp_fn, *_ = _quadratic(SPECTRUM)
+    params, grad_fn, _hvp_fn, *_ = _quadratic(SPECTRUM)
     p32 = {k: v.astype(np.float32) for k, v in params.items()}
 
     def grad32(p):
@@ -347,7 +347,7 @@ def test_bad_arguments_name_the_argument(call, match):
 def test_bad_params_and_bad_answers():
     with pytest.raises(gradnorm.ParamsError):
         D.gradient_norm({"w": [1.0, 2.0]}, lambda p: (0.0, p))
-    params, grad_fn, hvp_fn, *_ = _quadratic(SPECTRUM)
+    params, grad_fn, _hvp_fn, *_ = _quadratic(SPECTRUM)
     with pytest.raises(gradnorm.OracleOutputError, match="grad_fn"):
         D.gradient_norm(params, lambda p: (0.0, {"w": p["w"]}))
     with pytest.raises(gradnorm.OracleOutputError, match="hvp_fn"):

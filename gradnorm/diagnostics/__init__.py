@@ -56,23 +56,23 @@ from ._flatness import FlatnessResult, first_order_flatness_leaves, sam_sharpnes
 from ._probes import NumpyProbes, Probes, check_seed
 
 __all__ = [
-    "hessian_eigenvalues",
-    "hessian_trace",
-    "spectral_density",
-    "gradient_norm",
-    "sam_sharpness",
-    "first_order_flatness",
-    "measure",
     "QUANTITIES",
-    "Diagnostics",
     "Curvature",
-    "EigenResult",
-    "TraceResult",
     "DensityResult",
+    "Diagnostics",
+    "EigenResult",
     "FlatnessResult",
     "LanczosRun",
     "NumpyProbes",
     "Probes",
+    "TraceResult",
+    "first_order_flatness",
+    "gradient_norm",
+    "hessian_eigenvalues",
+    "hessian_trace",
+    "measure",
+    "sam_sharpness",
+    "spectral_density",
 ]
 
 #: What `measure` can compute, in the order it computes them.

@@ -18,7 +18,7 @@ from .._errors import MissingHVPError, describe
 from .._oracle import LeafOracle
 from .._tree import ArrayOps
 
-__all__ = ["Curvature", "LanczosRun", "lanczos", "top_eigenpairs", "hutchinson", "hutch_plus_plus", "slq"]
+__all__ = ["Curvature", "LanczosRun", "hutch_plus_plus", "hutchinson", "lanczos", "slq", "top_eigenpairs"]
 
 HVP_METHODS = ("auto", "exact", "fd")
 

@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 
 from ._curvature import Curvature
 
-__all__ = ["FlatnessResult", "sam_sharpness_leaves", "first_order_flatness_leaves"]
+__all__ = ["FlatnessResult", "first_order_flatness_leaves", "sam_sharpness_leaves"]
 
 
 def sam_sharpness_leaves(curv: Curvature, rho: float, loss: Any = None, grads: Any = None) -> Any:

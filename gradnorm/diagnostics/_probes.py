@@ -16,7 +16,7 @@ import array_api_compat
 
 from .._tree import namespace_of
 
-__all__ = ["Probes", "NumpyProbes"]
+__all__ = ["NumpyProbes", "Probes"]
 
 
 class Probes(Protocol):
