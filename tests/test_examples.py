@@ -152,11 +152,11 @@ def test_demo_rejects_unknown_rule_label(tmp_path):
 
 
 def _python_blocks(path: Path) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)
+    return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.DOTALL)
 
 
 DOC_PAGES = [ROOT / "README.md", ROOT / "docs" / "index.md", ROOT / "docs" / "writing-a-rule.md",
-             *sorted((ROOT / "docs" / "adapters").glob("*.md"))]
+             ROOT / "docs" / "diagnostics.md", *sorted((ROOT / "docs" / "adapters").glob("*.md"))]
 
 
 @pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: str(p.relative_to(ROOT)))

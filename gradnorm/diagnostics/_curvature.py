@@ -146,8 +146,9 @@ class LanczosRun(NamedTuple):
 
 
 def _orthogonalize(ops: ArrayOps, w: list[Any], basis: list[list[Any]], passes: int = 2) -> list[Any]:
-    """Remove from `w` its components along the orthonormal `basis`, twice by default (classical
-    Gram-Schmidt twice is as accurate as modified Gram-Schmidt, 'twice is enough': Giraud et al. 2005)."""
+    """Remove from `w` its components along the orthonormal `basis`: modified Gram-Schmidt (each
+    coefficient taken against the partly orthogonalized `w`), twice by default ('twice is enough':
+    Giraud, Langou, Rozloznik 2005)."""
     for _ in range(passes):
         for q in basis:
             w = ops.axpy(-ops.vdot(q, w), q, w)

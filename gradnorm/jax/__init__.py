@@ -5,6 +5,9 @@ device mesh with a choice of perturbation policy.
 * ``step(params, loss_fn, *args, rule=..., **hyperparameters) -> gradnorm.StepResult``
 * ``transform(base, rule=..., **hyperparameters) -> optax.GradientTransformationExtraArgs``
 * ``data_parallel_step(params, loss_fn, *args, mesh=..., rule=..., perturbation="local")``
+* ``gradnorm.jax.diagnostics``: Hessian eigenvalues, trace, spectral density and flatness measures
+  of a loss function (jit-able), and ``diagnostics.monitor(every)``, an optax transformation that
+  logs them during training (imported on first use)
 
 The adapter holds no rule math: gradients come from ``jax.value_and_grad``, Hessian-vector
 products from ``jax.jvp`` of ``jax.grad`` (forward-over-reverse), and the rules are the core's.
@@ -12,6 +15,8 @@ Importing this module imports jax and optax; ``import gradnorm`` alone does not.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 try:
     import jax as _jax  # noqa: F401
@@ -29,4 +34,22 @@ from ._parallel import data_parallel_step
 from ._step import step
 from ._transform import TransformState, transform
 
-__all__ = ["ClosureError", "PERTURBATIONS", "JaxOps", "JaxOracle", "TransformState", "data_parallel_step", "step", "transform"]
+__all__ = [
+    "PERTURBATIONS",
+    "ClosureError",
+    "JaxOps",
+    "JaxOracle",
+    "TransformState",
+    "data_parallel_step",
+    "diagnostics",
+    "step",
+    "transform",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "diagnostics":  # the flatness diagnostics, imported on first use
+        import importlib
+
+        return importlib.import_module(f"{__name__}.diagnostics")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

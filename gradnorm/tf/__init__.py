@@ -1,5 +1,6 @@
-"""gradnorm for TensorFlow: a rule step for custom loops (eager or ``tf.function``) and Keras
-``fit()`` integration (`gradnorm.tf.keras`).
+"""gradnorm for TensorFlow: a rule step for custom loops (eager or ``tf.function``), Keras
+``fit()`` integration (`gradnorm.tf.keras`), and flatness diagnostics of variables and a loss
+closure with a Keras callback that logs them (`gradnorm.tf.diagnostics`).
 
 Importing this module imports TensorFlow; ``import gradnorm`` alone does not. Keras is loaded only
 when `gradnorm.tf.keras` is first used. Nothing here changes TensorFlow's global behaviour.
@@ -17,18 +18,29 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     ) from err
 
 from .._compat import tensorflow as namespace  # the core's TensorFlow Array API namespace
-from ._guard import WeightGuard
-from ._ops import TFOps
 from .._errors import ClosureError
 from .._oracle import HVP_MODES, PERTURBATIONS
+from ._guard import WeightGuard
+from ._ops import TFOps
 from ._step import VariableOracle, step
 
-__all__ = ["ClosureError", "HVP_MODES", "PERTURBATIONS", "VariableOracle", "TFOps", "WeightGuard", "keras", "namespace", "step"]
+__all__ = [
+    "HVP_MODES",
+    "PERTURBATIONS",
+    "ClosureError",
+    "TFOps",
+    "VariableOracle",
+    "WeightGuard",
+    "diagnostics",
+    "keras",
+    "namespace",
+    "step",
+]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "keras":  # Keras integration, imported on first use
+    if name in ("keras", "diagnostics"):  # Keras integration and the diagnostics, imported on first use
         import importlib
 
-        return importlib.import_module(f"{__name__}.keras")
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
