@@ -1,9 +1,8 @@
-"""The examples and the documentation's code: the digits demo runs, its hand-written
-derivatives are right, and the code shown in README.md and docs/ runs as printed."""
+"""The main job's hand-written derivatives are right, and the code shown in README.md and docs/
+runs as printed."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -12,33 +11,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gradnorm.reproduce._models import MLP
+
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "examples" / "digits_demo.py"
-
-pytest.importorskip("sklearn", reason="the digits demo needs scikit-learn (pip install 'gradnorm[examples]')")
-
-
-def _load_demo():
-    spec = importlib.util.spec_from_file_location("digits_demo", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("digits_demo", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = _load_demo()
 
 TINY = (5, 4, 3)  # small enough for a full finite-difference Jacobian
+FULL = (64, 64, 10)  # the size `gradnorm reproduce` trains
 
 
 def _problem(sizes, n=7, seed=0):
     rng = np.random.default_rng(seed)
+    model = MLP(sizes)
     x = rng.uniform(0.0, 1.0, size=(n, sizes[0]))
-    y = rng.integers(0, sizes[2], size=n)
-    params = demo.init_params(rng, sizes)
+    y = np.eye(sizes[2])[rng.integers(0, sizes[2], size=n)]
+    params = model.init(seed)
     params["b1"] = 0.1 * rng.normal(size=sizes[1])  # non-zero biases, so their derivatives are tested too
     params["b2"] = 0.1 * rng.normal(size=sizes[2])
-    return params, x, y, rng
+    return model, params, x, y, rng
 
 
 def _axpy(a, v, p):
@@ -50,46 +39,46 @@ def _random_like(rng, params):
 
 
 # ----------------------------------------------------------------------------------------
-# hand-written derivatives of the demo's model
+# hand-written derivatives of the MLP that `gradnorm reproduce --backend numpy` trains
 
 
 def test_gradient_matches_central_differences_every_coordinate():
-    params, x, y, _ = _problem(TINY)
-    value, grads = demo.loss_and_grad(params, x, y)
-    assert value == pytest.approx(demo.loss(params, x, y), rel=1e-15)
+    model, params, x, y, _ = _problem(TINY)
+    value, grads = model.numpy_value_and_grad(params, x, y)
+    assert value == pytest.approx(model.value(params, x, y), rel=1e-15)
     h = 1e-6
     for key, leaf in params.items():
         fd = np.zeros_like(leaf)
         for i in np.ndindex(leaf.shape):
             bumped = {k: v.copy() for k, v in params.items()}
             bumped[key][i] += h
-            up = demo.loss(bumped, x, y)
+            up = model.value(bumped, x, y)
             bumped[key][i] -= 2 * h
-            down = demo.loss(bumped, x, y)
+            down = model.value(bumped, x, y)
             fd[i] = (up - down) / (2 * h)
         np.testing.assert_allclose(grads[key], fd, rtol=1e-6, atol=1e-9, err_msg=key)
 
 
 def test_gradient_matches_directional_differences_full_size():
-    params, x, y, rng = _problem(demo.SIZES, n=32)
-    _, grads = demo.loss_and_grad(params, x, y)
+    model, params, x, y, rng = _problem(FULL, n=32)
+    _, grads = model.numpy_value_and_grad(params, x, y)
     h = 1e-5
     for _ in range(3):
         v = _random_like(rng, params)
         exact = sum(float(np.vdot(grads[k], v[k])) for k in params)
-        fd = (demo.loss(_axpy(h, v, params), x, y) - demo.loss(_axpy(-h, v, params), x, y)) / (2 * h)
+        fd = (model.value(_axpy(h, v, params), x, y) - model.value(_axpy(-h, v, params), x, y)) / (2 * h)
         assert exact == pytest.approx(fd, rel=1e-6)
 
 
-@pytest.mark.parametrize("sizes,n", [(TINY, 7), (demo.SIZES, 32)])
+@pytest.mark.parametrize("sizes,n", [(TINY, 7), (FULL, 32)])
 def test_hvp_matches_central_differences_of_the_gradient(sizes, n):
-    params, x, y, rng = _problem(sizes, n=n)
+    model, params, x, y, rng = _problem(sizes, n=n)
     h = 1e-5
     for _ in range(3):
         v = _random_like(rng, params)
-        hv = demo.hvp(params, v, x, y)
-        _, g_up = demo.loss_and_grad(_axpy(h, v, params), x, y)
-        _, g_down = demo.loss_and_grad(_axpy(-h, v, params), x, y)
+        hv = model.numpy_hvp(params, v, x, y)
+        _, g_up = model.numpy_value_and_grad(_axpy(h, v, params), x, y)
+        _, g_down = model.numpy_value_and_grad(_axpy(-h, v, params), x, y)
         scale = max(float(np.max(np.abs(hv[k]))) for k in hv)
         for k in params:
             fd = (g_up[k] - g_down[k]) / (2 * h)
@@ -97,54 +86,15 @@ def test_hvp_matches_central_differences_of_the_gradient(sizes, n):
 
 
 def test_hvp_is_symmetric_and_linear():
-    params, x, y, rng = _problem(demo.SIZES, n=16)
+    model, params, x, y, rng = _problem(FULL, n=16)
     u, v = _random_like(rng, params), _random_like(rng, params)
-    hu, hv = demo.hvp(params, u, x, y), demo.hvp(params, v, x, y)
+    hu, hv = model.numpy_hvp(params, u, x, y), model.numpy_hvp(params, v, x, y)
     u_hv = sum(float(np.vdot(u[k], hv[k])) for k in params)
     v_hu = sum(float(np.vdot(v[k], hu[k])) for k in params)
     assert u_hv == pytest.approx(v_hu, rel=1e-12)
-    h_sum = demo.hvp(params, {k: 2.0 * u[k] - v[k] for k in params}, x, y)
+    h_sum = model.numpy_hvp(params, {k: 2.0 * u[k] - v[k] for k in params}, x, y)
     for k in params:
         np.testing.assert_allclose(h_sum[k], 2.0 * hu[k] - hv[k], rtol=1e-12, atol=1e-14)
-
-
-# ----------------------------------------------------------------------------------------
-# the demo itself
-
-
-def test_quick_demo_writes_table_and_plot(tmp_path, capsys):
-    rows = demo.main(["--quick", "--out", str(tmp_path)])
-    printed = capsys.readouterr().out
-
-    labels = [label for label, _, _ in demo.RULES]
-    assert [r["rule"] for r in rows] == labels
-    table = (tmp_path / "digits_demo.md").read_text(encoding="utf-8")
-    png = (tmp_path / "digits_demo.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    for label in labels:
-        assert f"| {label} |" in table
-        assert label in printed
-
-    by_rule = {r["rule"]: r for r in rows}
-    expected_evals = {"sgd": 1, "sam": 2, "gnp": 2, "gr": 1, "fd_gr": 2, "gam": 4, "flooding": 1, "coherent": 1}
-    for name, evals in expected_evals.items():
-        assert by_rule[name]["grad_evals"] == evals, name
-    assert by_rule["gr"]["hvp_evals"] == 1
-    assert "1 + 1 HVP" in table
-    for r in rows:
-        mean_acc, std_acc = r["test_acc"]
-        assert 0.5 < mean_acc <= 1.0, r
-        assert np.isfinite(r["train_loss"][0]) and std_acc >= 0.0
-        assert r["ms_per_step"] > 0.0
-    assert by_rule["sgd"]["ratio"] == pytest.approx(1.0)
-    # flooding never reaches its level in 3 epochs: it is sgd, step for step
-    assert by_rule["flooding"]["test_acc"] == by_rule["sgd"]["test_acc"]
-    assert by_rule["flooding"]["train_loss"] == by_rule["sgd"]["train_loss"]
-
-
-def test_demo_rejects_unknown_rule_label(tmp_path):
-    with pytest.raises(SystemExit):
-        demo.main(["--quick", "--rules", "adamw", "--out", str(tmp_path)])
 
 
 # ----------------------------------------------------------------------------------------
