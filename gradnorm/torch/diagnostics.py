@@ -636,8 +636,8 @@ class Monitor:
     backward pass more than a gradient (the gradient's graph is kept and differentiated again):
     1.25 training steps on the same batch, measured on a CPU MLP. Lanczos adds vector algebra
     that grows like ``iters**2 * P`` (full reorthogonalization), which dominates for small models on
-    CPU: the defaults (loss, grad_norm, lambda_max with 10 steps) cost about 70 training steps of a
-    270k-parameter MLP on a batch of 256 (one CPU thread), i.e. 14% of the training at the
+    CPU: the defaults (loss, grad_norm, lambda_max with 10 steps) cost about 40 training steps of a
+    270k-parameter MLP on a batch of 256 (one CPU thread), i.e. 8% of the training at the
     default ``every=500``; for large models on a GPU the HVPs dominate instead. Raise `every`, shrink `data` or `iters`, or drop quantities to make it cheaper.
 
     Args:
