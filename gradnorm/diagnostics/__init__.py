@@ -219,6 +219,19 @@ class Diagnostics:
         return out
 
 
+def check_measure_options(where: str, *, hvp: Any, rho: Any, samples: Any, flatness_steps: Any,
+                          iters: Any = None) -> None:
+    """The options every training-time monitor (torch `Monitor`, the optax `monitor`, the Keras
+    callback) takes for `measure`, checked once before training starts."""
+    if hvp not in HVP_METHODS:
+        raise ValueError(f"`hvp` of {where} must be one of {HVP_METHODS}. Received: {describe(hvp)}.")
+    _check_rho(rho)
+    check_positive_int("samples", samples)
+    check_positive_int("flatness_steps", flatness_steps)
+    if iters is not None:
+        check_positive_int("iters", iters)
+
+
 def _check_rho(rho: Any) -> None:
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
         raise ValueError(f"`rho` must be a positive finite number. Received: {describe(rho)}.")

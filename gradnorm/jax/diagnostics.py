@@ -685,13 +685,8 @@ def monitor(every: int, quantities: Sequence[str] = ("loss", "grad_norm", "lambd
     names = _check_quantities(quantities, where)
     if not isinstance(has_aux, bool):
         raise TypeError(f"`has_aux` of {where} must be True or False. Received: {describe(has_aux)}.")
-    if hvp not in _core.HVP_METHODS:
-        raise ValueError(f"`hvp` of {where} must be one of {_core.HVP_METHODS}. Received: {describe(hvp)}.")
-    _core._check_rho(rho)
-    check_positive_int("samples", samples)
-    check_positive_int("flatness_steps", flatness_steps)
-    if iters is not None:
-        check_positive_int("iters", iters)
+    _core.check_measure_options(where, hvp=hvp, rho=rho, samples=samples, flatness_steps=flatness_steps,
+                                iters=iters)
     if key is not None and seed is not None:
         raise TypeError(f"{where}: pass at most one of `key` and `seed`.")
     if key is None:

@@ -443,13 +443,8 @@ def _callback_class() -> type:
                 raise ValueError(f"{where} with `every=None` and `at_epoch_end=False` would never measure.")
             if not isinstance(prefix, str):
                 raise TypeError(f"`prefix` of {where} must be a string. Received: {describe(prefix)}.")
-            if hvp not in _core.HVP_METHODS:
-                raise ValueError(f"`hvp` of {where} must be one of {_core.HVP_METHODS}. Received: {describe(hvp)}.")
-            _core._check_rho(rho)
-            check_positive_int("samples", samples)
-            check_positive_int("flatness_steps", flatness_steps)
-            if iters is not None:
-                check_positive_int("iters", iters)
+            _core.check_measure_options(where, hvp=hvp, rho=rho, samples=samples, flatness_steps=flatness_steps,
+                                        iters=iters)
             check_seed(seed)
             data = tuple(data) if len(data) == 3 else (data[0], data[1], None)
             self.data = tf.nest.map_structure(_as_tensor, data)
