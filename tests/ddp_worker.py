@@ -38,6 +38,9 @@ def main(rank: int, world: int, port: str, rule: str, perturbation: str, out: st
 
     losses = [float(opt.step(closure)) for _ in range(4)]
     torch.save({"params": [p.detach().clone() for p in model.parameters()], "losses": losses}, out)
+    # both ranks reach the shutdown together: gloo's destroy_process_group can hang in a rank whose
+    # peer has already exited (seen on CI as a rank that finished its work and never returned)
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -171,6 +171,9 @@ def main(rank: int, world: int, port: str, out: str) -> None:
     result = {"rules": {name: run_rule(name, rule, hyper, xb, yb) for name, (rule, hyper) in RULES.items()},
               "ops": check_ops(rank)}
     torch.save(result, out)
+    # both ranks reach the shutdown together: gloo's destroy_process_group can hang in a rank whose
+    # peer has already exited (seen on CI as a rank that finished its work and never returned)
+    dist.barrier()
     dist.destroy_process_group()
 
 

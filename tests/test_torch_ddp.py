@@ -45,7 +45,13 @@ def run_ranks(rule, perturbation, tmp_path):
         for r in range(2)
     ]
     for p in procs:
-        out, _ = p.communicate(timeout=120)
+        try:
+            out, _ = p.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            for q in procs:  # no rank left behind; show what each printed
+                q.kill()
+            printed = [q.communicate()[0] for q in procs]
+            raise AssertionError("a rank timed out:\n" + "\n-----\n".join(o[-3000:] for o in printed)) from None
         assert p.returncode == 0, out
     _RUNS[rule, perturbation] = [torch.load(o) for o in outs]
     return _RUNS[rule, perturbation]
