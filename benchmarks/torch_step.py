@@ -1,17 +1,26 @@
 """Benchmark: gradnorm.torch.Optimizer step time per rule against its floor, and SAM against
-pytorch_optimizer.SAM(foreach=True), on a deep narrow MLP (40 layers of width 64, batch 128).
+pytorch_optimizer.SAM(foreach=True) and a hand-written SAM, on a deep narrow MLP (40 layers of width
+64, batch 128) or (``--model cnn``) a small CNN with BatchNorm (benchmarks/_models.py).
 
 The floor of a rule is (gradient evaluations per step) x (one forward-backward pass) + (one
-base-optimizer update), all measured in this process. Prints a table; no assertion.
+base-optimizer update), all measured in this process; for a rule whose cost varies from step to step
+(``periodic``, ``looksam``) the evaluations per step are its average, ``rule.mean_grad_evals`` ((k + 1) / k
+for SAM every k steps; each timed run is many periods long). The floor of ``gr`` is one gradient
+with its graph plus one Hessian-vector product along it (``closure(create_graph=True)`` and
+``torch.autograd.grad`` of the gradients: the double backward, without the rule) + the update. The
+hand-written SAM is the usual loop: gradient, ``p += e`` in place, second gradient, ``p -= e``, base
+step (foreach ops throughout). Prints a table; no assertion.
 
-    python benchmarks/torch_step.py [--steps 200] [--repeats 5] [--device cpu] [--threads 2]
+    python benchmarks/torch_step.py [--steps 200] [--repeats 5] [--device cpu] [--threads 2] [--model mlp|cnn]
 """
 
 from __future__ import annotations
 
 import argparse
+import warnings
 
 import torch
+from _models import DESCRIPTION, torch_model
 from _rules import RULES
 from _timing import timed_interleaved
 
@@ -35,10 +44,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    parser.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, x, y = make(args.device)
+    if args.model == "mlp":
+        model, x, y = make(args.device)
+    else:
+        model, x, y = torch_model(args.model, args.device)
+    # a model with buffers (BatchNorm): the optimizer restores them after the first pass
+    with_model = {"model": model} if list(model.buffers()) else {}
     loss_fn = torch.nn.functional.cross_entropy
 
     def closure(create_graph=False):
@@ -48,7 +63,17 @@ def main() -> None:
         return loss
 
     base = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, foreach=True)
-    fns = {"gradient": closure, "update": base.step}
+    params = list(model.parameters())
+
+    def gradient_and_hvp():  # gr's floor without the update: the gradient's graph, one double backward
+        with warnings.catch_warnings():  # the .grad <-> parameter cycle: .grad is reset right below
+            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+            closure(create_graph=True)
+        grads = [p.grad for p in params]
+        model.zero_grad(set_to_none=True)
+        return torch.autograd.grad(grads, params, grad_outputs=[g.detach() for g in grads])
+
+    fns = {"gradient": closure, "gradient + HVP": gradient_and_hvp, "update": base.step}
     opts = {}
 
     def gradnorm_step(opt):
@@ -61,12 +86,14 @@ def main() -> None:
         return run
 
     for rule, hyper in RULES:
-        opts[rule] = gt.Optimizer(model.parameters(), torch.optim.SGD, rule=rule, lr=1e-4, momentum=0.9, foreach=True, **hyper)
+        opts[rule] = gt.Optimizer(model.parameters(), torch.optim.SGD, rule=rule, lr=1e-4, momentum=0.9, foreach=True,
+                                  **with_model, **hyper)
         fns[rule] = gradnorm_step(opts[rule])
     # the same SAM step without its one device-to-host read (the skip decision): on a GPU that
     # read stalls the host until the device has caught up
     opts["sam, skip_nonfinite=False"] = gt.Optimizer(model.parameters(), torch.optim.SGD, rule="sam", lr=1e-4,
-                                                    momentum=0.9, foreach=True, skip_nonfinite=False, rho=0.05)
+                                                    momentum=0.9, foreach=True, skip_nonfinite=False, rho=0.05,
+                                                    **with_model)
     fns["sam, skip_nonfinite=False"] = gradnorm_step(opts["sam, skip_nonfinite=False"])
     try:
         from pytorch_optimizer import SAM
@@ -80,6 +107,23 @@ def main() -> None:
         fns["peer"] = peer_step
     except ImportError:
         pass
+    hand_base = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, foreach=True)
+
+    def handwritten_sam():
+        """The SAM step people write by hand: e = rho g / ||g|| added to the weights in place, the
+        second gradient, e subtracted again (BatchNorm statistics updated by both passes)."""
+        closure()
+        with torch.no_grad():
+            grads = [p.grad for p in params]
+            scale = 0.05 / (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) + 1e-12)
+            eps = torch._foreach_mul(grads, scale)
+            torch._foreach_add_(params, eps)
+        closure()
+        with torch.no_grad():
+            torch._foreach_sub_(params, eps)
+        hand_base.step()
+
+    fns["hand-written SAM"] = handwritten_sam
     closure()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     t = timed_interleaved(fns, args.steps, args.repeats, finish=lambda out: sync())
@@ -87,14 +131,22 @@ def main() -> None:
     rows = []
     for rule in [r for r, _ in RULES] + ["sam, skip_nonfinite=False"]:
         opt = opts[rule]
-        evals = opt.rule.grad_evals
+        evals, mean = opt.rule.grad_evals, opt.rule.mean_grad_evals
         label = f"{evals} grad{'s' if evals > 1 else ''}" + (" + 1 HVP" if opt.rule.needs_hvp else "")
-        rows.append((f"gradnorm {rule}", label, t[rule], evals * t_grad + t_update))
+        if mean != evals:  # varying cost: the average per step (a full step every k)
+            label = f"{mean:.3g} grads avg"
+        floor = mean * t_grad + t_update
+        if opt.rule.needs_hvp and opt.rule.hvp_evals:
+            floor = t["gradient + HVP"] + t_update
+        rows.append((f"gradnorm {rule}", label, t[rule], floor))
     if "peer" in t:
         rows.append(("pytorch_optimizer.SAM(foreach=True)", "2 grads", t["peer"], 2 * t_grad + t_update))
+    rows.append(("hand-written SAM (foreach)", "2 grads", t["hand-written SAM"], 2 * t_grad + t_update))
 
-    print(f"deep narrow MLP 40 x 64, batch 128, {args.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; one gradient {t_grad:.3f} ms, one SGD update {t_update:.3f} ms")
+    print(f"{DESCRIPTION[args.model]}, {args.device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; median of {args.repeats} interleaved rounds of {args.steps} steps; "
+          f"one gradient {t_grad:.3f} ms, one gradient + HVP {t['gradient + HVP']:.3f} ms, "
+          f"one SGD update {t_update:.3f} ms")
     print(f"| {'step':38s} | {'cost':14s} | {'ms/step':>8s} | {'floor ms':>8s} | {'x floor':>7s} |")
     print(f"|{'-' * 40}|{'-' * 16}|{'-' * 10}|{'-' * 10}|{'-' * 9}|")
     for name, cost, t, floor in rows:

@@ -8,7 +8,8 @@ parameters:
 * ``gnp`` with ``alpha = 1`` equals ``sam`` with ``rho = r``;
 * ``fd_gr`` forward, backward and central equal ``gr`` on the quadratic (exact in exact
   arithmetic; the tolerance covers the rounding of the finite difference);
-* ``flooding`` equals ``sgd`` while the loss is above the flood level, and ``-sgd`` below it.
+* ``flooding`` equals ``sgd`` while the loss is above the flood level, and ``-sgd`` below it;
+* ``periodic`` and ``looksam`` with ``every=1`` (every step full) equal the wrapped ``sam`` exactly.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Any
 import numpy as np
 
 from .problems import PROBLEMS
-from .settings import zero_settings
+from gradnorm.rules import SAM
+
+from .settings import format_value, zero_settings
 
 __all__ = ["Identity", "IDENTITIES", "check_identity"]
 
@@ -56,12 +59,17 @@ def _build() -> list[Identity]:
     out = []
     for problem in PROBLEMS:
         for rule, hyper in _ZERO:
-            label = ",".join(f"{k}={v}" for k, v in hyper)
+            label = ",".join(f"{k}={format_value(v)}" for k, v in hyper)
             out.append(Identity(f"{rule}[{label}]==sgd", problem, (rule, hyper), _SGD))
         for r in (0.05, 0.5):
             out.append(Identity(f"gnp[alpha=1,r={r}]==sam[rho={r}]", problem, ("gnp", _h(r=r, alpha=1.0)),
                                 ("sam", _h(rho=r)), rtol64=1e-15, rtol32=1e-6))
         out.append(Identity("flooding[b=1e6]==-sgd", problem, ("flooding", _h(b=1e6)), _SGD, sign=-1.0))
+        # a period of one: every step is full, the wrapped rule itself
+        sam = ("sam", _h(rho=0.05))
+        out.append(Identity("periodic[inner=sam(rho=0.05),every=1]==sam", problem,
+                            ("periodic", _h(inner=SAM(rho=0.05), every=1)), sam))
+        out.append(Identity("looksam[rho=0.05,every=1]==sam", problem, ("looksam", _h(rho=0.05, every=1)), sam))
     for difference in ("forward", "backward", "central"):
         for normalize in (False, True):
             hyper = _h(gamma=0.05, eps=0.5, difference=difference, normalize=normalize)

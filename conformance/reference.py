@@ -188,6 +188,79 @@ def ref_coherent(p: Any, x: np.ndarray, *, lam: float, threshold: float, penalty
     return Expected(d, info, 1)
 
 
+def _rule_data(rule: Any) -> tuple[str, dict[str, Any]]:
+    """The name and hyperparameters of a wrapped rule given as a rule object or its config (plain data:
+    the reference never runs gradnorm's math)."""
+    config = rule.to_config() if hasattr(rule, "to_config") else rule
+    return config["rule"], dict(config["hyperparameters"])
+
+
+def _leaf_slices(p: Any, n: int) -> list[slice]:
+    """The coordinates of each parameter leaf in the flat vector (one slice if `p` has no leaves)."""
+    sizes = getattr(p, "sizes", None) or [n]
+    bounds = np.cumsum([0, *sizes])
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def ref_periodic(p: Any, x: np.ndarray, *, inner: Any, every: int, reuse: bool = False, alpha: Any = 0.7,
+                 decomposition: str = "global", norm_eps: float = NORM_EPS, step: int = 0,
+                 memory: dict[str, Any] | None = None) -> Expected:
+    """A multi-pass rule every `every` steps (t = step, from 0: t % every == 0 is a full step), the plain
+    gradient between; with `reuse` (LookSAM), g + alpha ||g|| / (||g_v|| + eps) g_v between, where the
+    last full step stored g_v = d - <g, d> / (||g||^2 + eps^2) g, d its direction (the part of d orthogonal
+    to g). Globally or, with decomposition="per_tensor", leaf by leaf (p.sizes), where a leaf of one
+    element has no orthogonal part (g_v = 0 there, and nothing is added). A wrapped rule at zero
+    strength (one evaluation) makes every step the plain gradient. `memory`: a dict kept from step to
+    step (g_v)."""
+    g = p.grad(x)
+    name, hyper = _rule_data(inner)
+    full = step % every == 0
+    if full:
+        d_inner = REFERENCES[name](p, x, **hyper)
+        if d_inner.grad_evals == 1:  # zero strength
+            d, evals = g, 1
+        else:
+            d, evals = d_inner.direction, d_inner.grad_evals
+            if reuse and memory is not None:
+                parts = [slice(None)] if decomposition == "global" else _leaf_slices(p, x.size)
+                gv = d.copy()
+                for sl in parts:
+                    if decomposition != "global" and sl.stop - sl.start == 1:
+                        gv[sl] = 0.0
+                    else:
+                        gv[sl] = d[sl] - (float(g[sl] @ d[sl]) / (float(g[sl] @ g[sl]) + norm_eps**2)) * g[sl]
+                memory["gv"] = gv
+    else:
+        evals = 1
+        gv = None if memory is None else memory.get("gv")
+        if not reuse or gv is None:
+            d = g
+        else:
+            parts = [slice(None)] if decomposition == "global" else _leaf_slices(p, x.size)
+            a = np.broadcast_to(np.asarray(alpha, dtype=np.float64), x.shape)
+            d = g.copy()
+            for sl in parts:
+                if decomposition == "global" or sl.stop - sl.start > 1:
+                    d[sl] = g[sl] + a[sl] * (norm(g[sl]) / (norm(gv[sl]) + norm_eps)) * gv[sl]
+    info = _base_info(p, x, g, d)
+    info["full_step"] = float(full)
+    return Expected(d, info, evals)
+
+
+def ref_looksam(p: Any, x: np.ndarray, *, rho: Any, every: int, alpha: Any = 0.7, decomposition: str = "global",
+                adaptive: bool = False, eta: Any = 0.0, norm_eps: float = NORM_EPS, step: int = 0,
+                memory: dict[str, Any] | None = None) -> Expected:
+    """LookSAM: `ref_periodic` around SAM(rho, adaptive, eta) with reuse."""
+    sam = {"rule": "sam", "hyperparameters": {"rho": rho, "adaptive": adaptive, "eta": eta, "norm_eps": norm_eps}}
+    return ref_periodic(p, x, inner=sam, every=every, reuse=True, alpha=alpha, decomposition=decomposition,
+                        norm_eps=norm_eps, step=step, memory=memory)
+
+
+#: rules whose reference takes `step` (the step count from 0) and, for those in `CARRIES_MEMORY`,
+#: `memory` (a dict kept from step to step)
+STEPPED = ("coherent", "periodic", "looksam")
+CARRIES_MEMORY = ("periodic", "looksam")
+
 REFERENCES: dict[str, Callable[..., Expected]] = {
     "sgd": ref_sgd,
     "sam": ref_sam,
@@ -197,6 +270,8 @@ REFERENCES: dict[str, Callable[..., Expected]] = {
     "gam": ref_gam,
     "flooding": ref_flooding,
     "coherent": ref_coherent,
+    "periodic": ref_periodic,
+    "looksam": ref_looksam,
 }
 
 
@@ -281,8 +356,11 @@ def reference_trajectory(problem: Any, rule: str, hyper: dict[str, Any], optimiz
     apply = base_update(optimizer, lr, momentum)
     x = flat.x0.copy()
     params, losses = [x.copy()], []
+    memory: dict[str, Any] = {}
     for k in range(steps):
-        extra = {"step": k} if rule == "coherent" else {}
+        extra: dict[str, Any] = {"step": k} if rule in STEPPED else {}
+        if rule in CARRIES_MEMORY:
+            extra["memory"] = memory
         expected = REFERENCES[rule](flat, x, **hyper, **extra)
         losses.append(expected.info["loss"])
         x = apply(x, expected.direction)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .problems import PROBLEMS
-from .settings import conformance_settings
+from .settings import conformance_settings, format_value
 
 __all__ = ["Scenario", "SCENARIOS", "RULE_SETTINGS", "scenario_by_id"]
 
@@ -35,11 +35,11 @@ class Scenario:
 
     @property
     def id(self) -> str:
-        hyper = ",".join(f"{k}={v}" for k, v in self.hyper)
+        hyper = ",".join(f"{k}={format_value(v)}" for k, v in self.hyper)
         return f"{self.problem}-{self.rule}[{hyper}]-{self.optimizer}"
 
     def describe(self) -> str:
-        hyper = ", ".join(f"{k}={v!r}" for k, v in self.hyper) or "no hyperparameters"
+        hyper = ", ".join(f"{k}={format_value(v) if not isinstance(v, str) else repr(v)}" for k, v in self.hyper) or "no hyperparameters"
         base = f"SGD lr={self.lr}" + (f" momentum={self.momentum}" if self.optimizer == "momentum" else "")
         return f"rule '{self.rule}' ({hyper}) on problem '{self.problem}' with {base}, {self.steps} steps"
 

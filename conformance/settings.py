@@ -42,6 +42,7 @@ __all__ = [
     "entry",
     "settings",
     "setting_id",
+    "format_value",
     "ids",
     "adapter_settings",
     "adapter_ids",
@@ -99,6 +100,11 @@ SUITES: dict[str, tuple[str, str]] = {
 
 def _h(**kwargs: Any) -> Hyper:
     return dict(kwargs)
+
+
+_SAM = gradnorm.rules.SAM
+_GNP = gradnorm.rules.GNP
+_FDGR = gradnorm.rules.FDGR
 
 
 TABLE: dict[str, RuleSettings] = {
@@ -254,6 +260,55 @@ TABLE: dict[str, RuleSettings] = {
             "backends_jit": (_h(lam=0.1, penalty="l1", threshold=-1.0, delay=1),),
         },
     ),
+    # wrappers: the wrapped rule is a rule object (`inner`); a full step when the count is a multiple of
+    # `every`. The contract's three steps (a save/load before the third) and the 20 conformance steps
+    # cross full and skipped steps; every=3 makes the contract's third step a skipped one that reads g_v.
+    "periodic": RuleSettings(
+        adapter=(
+            _h(inner=_SAM(rho=0.05), every=2),
+            _h(inner=_GNP(r=0.05, alpha=0.8), every=3, reuse=True, alpha=0.5, decomposition="per_tensor"),
+        ),
+        zero=(_h(inner=_SAM(rho=0.0), every=2),),
+        benchmark=_h(inner=_SAM(rho=0.05), every=5),
+        valid=_h(inner=_FDGR(gamma=0.05, eps=0.01), every=2),
+        conformance=(
+            _h(inner=_SAM(rho=0.05), every=3),
+            _h(inner=_GNP(r=0.05, alpha=0.8), every=2, reuse=True, decomposition="per_tensor"),
+        ),
+        suites={
+            "jax_transform": (_h(inner=_SAM(rho=0.05), every=2, reuse=True),),
+            "jax_libraries": (_h(inner=_SAM(rho=0.05), every=2, reuse=True),),
+            # float32 within 1e-5 of float64: a radius at which g_v is not a small difference of nearly
+            # parallel vectors (its unit direction would carry float32 rounding, amplified)
+            "backends": (
+                _h(inner=_SAM(rho=0.1), every=2),
+                _h(inner=_GNP(r=0.5, alpha=0.8), every=2, reuse=True, decomposition="per_tensor"),
+            ),
+            "backends_zero_grad": (_h(inner=_SAM(rho=0.1), every=2, reuse=True),),
+            "backends_jit": (_h(inner=_SAM(rho=0.1), every=2, reuse=True, decomposition="per_tensor"),),
+            # float32 against eager within 1e-6: per tensor, a small leaf's g_v at a small radius is a small
+            # difference of nearly parallel vectors, whose unit direction carries (amplified) rounding
+            "torch_optimizer": (
+                _h(inner=_SAM(rho=0.05), every=2),
+                _h(inner=_GNP(r=0.5, alpha=0.8), every=3, reuse=True, alpha=0.5, decomposition="per_tensor"),
+            ),
+        },
+    ),
+    "looksam": RuleSettings(
+        adapter=(_h(rho=0.05, every=2), _h(rho=0.5, every=3, alpha=0.5, decomposition="per_tensor", adaptive=True, eta=0.01)),
+        zero=(_h(rho=0.0, every=2),),
+        benchmark=_h(rho=0.05, every=5),
+        valid=_h(rho=0.05, every=2),
+        conformance=(_h(rho=0.05, every=3), _h(rho=0.05, every=3, alpha=0.5, decomposition="per_tensor")),
+        suites={
+            "jax_transform": (_h(rho=0.05, every=2),),
+            "jax_libraries": (_h(rho=0.05, every=2),),
+            "torch_ops_tensor": (_h(rho=0.05, every=2, alpha=0.5),),
+            "backends": (_h(rho=0.1, every=2), _h(rho=0.1, every=2, decomposition="per_tensor")),
+            "backends_zero_grad": (_h(rho=0.1, every=2), _h(rho=0.1, every=2, decomposition="per_tensor")),
+            "backends_jit": (_h(rho=0.1, every=3, decomposition="per_tensor"),),
+        },
+    ),
 }
 
 
@@ -306,9 +361,21 @@ def settings(suite: str = "adapter") -> list[tuple[str, Hyper]]:
     return [(rule, hyper) for rule in _rules() for hyper in _variants(rule, suite)]
 
 
+def format_value(value: Any) -> str:
+    """A hyperparameter value in a test or scenario id: a rule (`periodic`'s `inner`) as its name and the
+    hyperparameters that differ from their defaults, ``sam(rho=0.05)``; anything else as ``str``."""
+    if isinstance(value, gradnorm.rules.Rule):
+        defaults = {h.name: h.default for h in type(value).spec()}
+        shown = ",".join(f"{k}={format_value(v)}" for k, v in value.config.items()
+                         if not (isinstance(v, (int, float, str, bool)) and v == defaults.get(k)))
+        return f"{value.name}({shown})"
+    return str(value)
+
+
 def setting_id(rule: str, hyper: Mapping[str, Any]) -> str:
-    """``sam-rho=0.5-adaptive=True-eta=0.01``: the test id of a setting."""
-    return f"{rule}-{'-'.join(f'{k}={v}' for k, v in hyper.items())}"
+    """``sam-rho=0.5-adaptive=True-eta=0.01``: the test id of a setting (a rule value as `format_value`
+    writes it: ``periodic-inner=sam(rho=0.05)-every=2``)."""
+    return f"{rule}-{'-'.join(f'{k}={format_value(v)}' for k, v in hyper.items())}"
 
 
 def ids(pairs: Iterable[tuple[str, Mapping[str, Any]]]) -> list[str]:

@@ -25,7 +25,7 @@ import array_api_compat
 
 from ._errors import ParamsError, describe
 
-__all__ = ["is_array", "array_namespace", "namespace_of"]
+__all__ = ["is_array", "array_namespace", "namespace_of", "traced_cond"]
 
 
 def _own_namespace(x: Any) -> Any:
@@ -81,6 +81,68 @@ def namespace_of(leaves: Sequence[Any], *, argument: str = "params") -> Any:
         raise ParamsError(
             f"All leaves of `{argument}` must come from one array library. Received leaves of types {kinds}."
         ) from err
+
+
+def traced_cond(pred: Any, like: Any = None) -> Any:
+    """The framework's own conditional for a predicate that has no value yet, else None.
+
+    A JAX tracer (under ``jax.jit``, ``jax.eval_shape``, ...) gets ``jax.lax.cond``; a TensorFlow
+    tensor while TensorFlow is not executing eagerly (inside ``tf.function`` or a Keras train
+    function) gets ``tf.cond``. Both trace the two branches and run one. Anything else (a NumPy,
+    PyTorch, CuPy or eager JAX/TensorFlow array) has a value that can be read on the host: None.
+    As everywhere in this module, nothing is imported: a tracer can only exist if its framework is
+    imported already. Returns a function ``(true_fn, false_fn) -> outputs``.
+
+    `like`: arrays (a list or tree) the branches' outputs are computed from, such as the gradient.
+    Inside ``jax.shard_map`` JAX types an array by the mapped axes it varies over, and the branches of
+    ``lax.cond`` must agree: every output of both branches is made to vary over the axes any array
+    of `like` varies over (``jax.lax.pcast(..., to="varying")``, a cast without communication), so
+    that a branch returning an input unchanged (a state buffer) matches one that computes it from
+    `like` (this device's gradient).
+    """
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(pred, jax.core.Tracer):
+        axes = _varying_axes(jax, like) if like is not None else ()
+        if not axes:
+            return lambda true_fn, false_fn: jax.lax.cond(pred, true_fn, false_fn)
+        return lambda true_fn, false_fn: jax.lax.cond(pred, _varying(jax, true_fn, axes), _varying(jax, false_fn, axes))
+    tf = sys.modules.get("tensorflow")
+    if (tf is not None and isinstance(pred, (getattr(tf, "Tensor", ()), getattr(tf, "Variable", ())))
+            and not tf.executing_eagerly()):
+        return lambda true_fn, false_fn: tf.cond(pred, true_fn, false_fn)
+    return None
+
+
+def _axes_of(jax: Any, x: Any) -> frozenset:
+    """The mapped axes (``jax.shard_map``) a JAX value varies over; empty outside shard_map."""
+    try:
+        aval = jax.typeof(x)
+    except (TypeError, AttributeError):
+        return frozenset()
+    mat = getattr(aval, "mat", None) or getattr(aval, "manual_axis_type", None) or getattr(aval, "vma", None)
+    varying = getattr(mat, "varying", mat)
+    return frozenset(varying) if varying else frozenset()
+
+
+def _varying_axes(jax: Any, like: Any) -> tuple[Any, ...]:
+    axes: set = set()
+    for leaf in jax.tree_util.tree_leaves(like):
+        axes |= _axes_of(jax, leaf)
+    return tuple(sorted(axes, key=str))
+
+
+def _varying(jax: Any, fn: Any, axes: tuple[Any, ...]) -> Any:
+    """`fn` whose array outputs vary over at least `axes`."""
+    pcast = getattr(jax.lax, "pcast", None)
+
+    def run() -> Any:
+        def one(x: Any) -> Any:
+            missing = tuple(a for a in axes if a not in _axes_of(jax, x))
+            return pcast(x, missing, to="varying") if missing and pcast is not None else x
+
+        return jax.tree_util.tree_map(one, fn())
+
+    return run
 
 
 def _jax_node_hint(leaf: Any) -> str:

@@ -20,7 +20,11 @@ original values back. Everything about that which does not depend on the framewo
 * **randomness** (`same_randomness`): the random state before the first pass is replayed before
   every extra pass, so that dropout draws the same masks;
 * **restore**: `restore()` writes the snapshot back and the side state, on success and on any
-  exception (the adapter calls it in a ``finally``).
+  exception (the adapter calls it in a ``finally``);
+* **memory**: a point along a direction is formed in the weights in place (`_assign_axpy`), and
+  the lists a rule donates (`LeafOracle.value_and_grad_along(..., donate=...)`) are released right
+  after, before the pass, so that the pass's gradient can take their memory. The snapshot is the one
+  parameter-sized buffer this machine adds; a donation never releases it (`_keeps`).
 
 A framework supplies the hooks: `_take_snapshot`, `_assign`, `_assign_axpy`, `_evaluate`, and
 optionally `_read_rng`/`_write_rng`, `_read_side_state`/`_write_side_state` and `_hvp`.
@@ -129,7 +133,12 @@ class LiveWeights(LeafOracle):
         self._before_write()
         self.at = None
         self._assign_axpy(step, v)
+        del base, v
+        self.release_donated()  # the weights hold the point: donated gradients are dead before the pass
         return self._pass()
+
+    def _keeps(self, leaves: list[Any]) -> bool:
+        return leaves is self.view  # the rule's parameters, and after the snapshot the copy restored from
 
     def _pass(self) -> tuple[Any, list[Any]]:
         return self._evaluate(self.begin_pass())
@@ -148,6 +157,12 @@ class LiveWeights(LeafOracle):
                 self._write_rng(self._rng_before_first)
         self.passes += 1
         return first
+
+    def prepare_traced_branches(self) -> None:
+        """Read the side state of the first pass now, not at the first extra pass: that pass may be traced
+        inside a branch of ``tf.cond``, whose values `restore` (after the branch) could not use."""
+        if self.passes > 0 and self._side_after_first is None:
+            self._side_after_first = self._read_side_state()
 
     def restore(self) -> list[Any]:
         """Put the weights back (bit for bit, from the snapshot) and the side state to its values

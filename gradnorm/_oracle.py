@@ -91,8 +91,20 @@ class LeafOracle:
       point whose leaves are `leaves`;
     * optionally `_value_and_grad_along(base, step, v)`: the same at `base + step * v`, with `step`
       a scalar (Python number or 0-d array) or a `gradnorm.PerLeaf`. The default forms the point
-      with `ops.axpy`; an oracle that evaluates by writing into live weights forms it in place;
+      with `ops.axpy`; an oracle that evaluates by writing into live weights forms it in place.
+      Either calls `release_donated()` once the point is formed and before the pass (see below);
     * optionally `_hvp(leaves, v) -> H v` (and sets `has_hvp = True`).
+
+    Memory (donation). A rule that reads a list no more once a point is formed (SAM's first
+    gradient, once the weights hold theta + e) says so: `value_and_grad_along(base, step, v,
+    donate=(v,))`. The oracle then *releases* those lists between forming the point and running
+    the pass: it replaces their elements by None, in place, so that every holder of the list (the
+    rule, `update_leaves`, the adapter) lets go of the arrays at once and the pass's new gradient
+    can take their memory. A donated list must be one the rule owns (an answer of this oracle,
+    an `ops` result, or `grads` of `compute_direction`, which `update_leaves` hands over as its own
+    list), never the parameters; the rule must not read it afterwards. An oracle whose own
+    `_value_and_grad_along` does not call `release_donated()` releases them after the pass instead
+    (later, but just as correct).
 
     Args:
         ops: the leaf arithmetic used to form points along a direction (default: `ArrayOps` of
@@ -105,18 +117,48 @@ class LeafOracle:
         self.ops = ops
         self.grad_evals = 0
         self.hvp_evals = 0
+        self._donated: tuple[list[Any], ...] = ()
 
     def value_and_grad(self, leaves: list[Any]) -> tuple[Any, list[Any]]:
         """Loss and gradient at the point `leaves`."""
         self.grad_evals += 1
         return self._value_and_grad(leaves)
 
-    def value_and_grad_along(self, base: list[Any], step: Any, v: list[Any]) -> tuple[Any, list[Any]]:
+    def value_and_grad_along(self, base: list[Any], step: Any, v: list[Any], *,
+                             donate: tuple[list[Any], ...] = ()) -> tuple[Any, list[Any]]:
         """Loss and gradient at `base + step * v`. Rules ask for a point along a direction this way
         (rather than computing it and calling `value_and_grad`), so that an oracle which evaluates
-        by writing into live weights can form the point there without a parameter-sized temporary."""
+        by writing into live weights can form the point there without a parameter-sized temporary.
+
+        `donate`: lists the caller reads no more once the point is formed (`v`, `base`, or any other
+        list it owns, never the parameters): they are released (their elements set to None) before
+        the pass, so that their memory is free for the pass's gradient. See the class docstring."""
+        for leaves in donate:
+            if not isinstance(leaves, list):
+                raise TypeError(
+                    f"`donate` of value_and_grad_along must be a tuple of leaf lists, such as `(v,)`. "
+                    f"Received an element {describe(leaves)}."
+                )
         self.grad_evals += 1
-        return self._value_and_grad_along(base, step, v)
+        self._donated = tuple(donate)
+        try:
+            return self._value_and_grad_along(base, step, v)
+        finally:
+            self.release_donated()
+
+    def release_donated(self) -> None:
+        """Release the lists donated to the current `value_and_grad_along` call (set their elements
+        to None, in place), unless they are lists this oracle must keep (`_keeps`). Called by
+        `_value_and_grad_along` once the point is formed; a second call does nothing."""
+        donated, self._donated = self._donated, ()
+        for leaves in donated:
+            if not self._keeps(leaves):
+                leaves[:] = [None] * len(leaves)
+
+    def _keeps(self, leaves: list[Any]) -> bool:
+        """Whether `leaves` is a list the oracle itself reads later (the parameters it checks
+        answers against, the copy it restores weights from), which a donation must not release."""
+        return False
 
     def hvp(self, leaves: list[Any], v: list[Any]) -> list[Any]:
         """The Hessian of the loss at `leaves` applied to `v`."""
@@ -125,13 +167,22 @@ class LeafOracle:
         self.hvp_evals += 1
         return self._hvp(leaves, v)
 
+    def prepare_traced_branches(self) -> None:
+        """Called by a rule before both branches of a traced conditional (`ArrayOps.cond` under
+        ``jax.jit`` / ``tf.function``) that may evaluate through this oracle: whatever the oracle would
+        otherwise create lazily at its first evaluation inside a branch and use after the step (a
+        graph value of that branch, out of scope outside it) is made now. Nothing by default."""
+
     # -- what subclasses implement -------------------------------------------------------
     def _value_and_grad(self, leaves: list[Any]) -> tuple[Any, list[Any]]:
         raise NotImplementedError
 
     def _value_and_grad_along(self, base: list[Any], step: Any, v: list[Any]) -> tuple[Any, list[Any]]:
         ops = self.ops if self.ops is not None else _tree.ArrayOps(_tree.namespace_of(base))
-        return self._value_and_grad(ops.axpy(step, v, base))
+        point = ops.axpy(step, v, base)
+        del base, v
+        self.release_donated()  # the point is formed: what the rule donated is free before the pass
+        return self._value_and_grad(point)
 
     def _hvp(self, leaves: list[Any], v: list[Any]) -> list[Any]:
         raise MissingHVPError("This oracle has no Hessian-vector product.")
@@ -171,6 +222,9 @@ class TreeOracle(LeafOracle):
     def _hvp(self, leaves: list[Any], v: list[Any]) -> list[Any]:
         out = self.oracle.hvp(_tree.unflatten(self.treedef, leaves), _tree.unflatten(self.treedef, v))
         return self._leaves(out, "the Hessian-vector product", "`hvp_fn`")
+
+    def _keeps(self, leaves: list[Any]) -> bool:
+        return leaves is self.reference
 
     def _leaves(self, tree: Any, what: str, source: str) -> list[Any]:
         leaves, treedef = _tree.flatten(tree)

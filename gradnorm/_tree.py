@@ -10,7 +10,8 @@ without touching any rule. The conformance suite checks that such a swap keeps t
 Pytrees are handled by [optree](https://github.com/metaopt/optree) (`None` is an empty
 node, as in JAX). Arithmetic uses only the Python Array API standard through the namespace
 of the leaves (`array_api_compat.array_namespace`), never a framework's own API, and never
-mutates an input: every operation returns new arrays. Which arrays qualify and which namespace
+mutates an input: every operation returns new arrays (the `*_into` variants may write into a list
+the caller gives up, where the backend has mutable arrays: see `ArrayOps`). Which arrays qualify and which namespace
 they get is decided in `gradnorm._backend` (re-exported here: `is_array`, `array_namespace`,
 `namespace_of`); TensorFlow, which array-api-compat does not cover, gets gradnorm's own small
 namespace there (`gradnorm._compat.tensorflow`), without importing the TensorFlow adapter.
@@ -30,7 +31,7 @@ import sys
 import array_api_compat
 import optree
 
-from ._backend import array_namespace, is_array, namespace_of  # re-exported: the core calls _tree.<name>
+from ._backend import array_namespace, is_array, namespace_of, traced_cond  # re-exported: the core calls _tree.<name>
 from ._errors import describe
 
 __all__ = ["ArrayOps", "PerLeaf", "flatten", "unflatten", "tree_structure", "namespace_of", "is_array", "array_namespace"]
@@ -266,7 +267,19 @@ class ArrayOps:
     (whose product with the zero gradient would be NaN). NaN stays NaN. Values inside the range,
     and every cast that does not narrow (float32 scalars with float32 leaves, anything with float64
     leaves), are unchanged bit for bit.
+
+    Memory: every method returns new arrays and never writes into an input. A rule that combines
+    parameter-sized lists it owns and reads no more (an oracle's gradients, an earlier result) calls
+    the `*_into` variants (`axpy_into(s, x, y, out=y)`), which an adapter's ops with mutable arrays
+    and `in_place` computes in the arrays of `out`, without a new parameter-sized buffer; here they
+    are the out-of-place operations, so JAX and every other immutable backend keep the pure
+    semantics.
     """
+
+    #: Whether the `*_into` methods write their result into the arrays of `out`. Never for
+    #: `ArrayOps`: the arrays of an Array API namespace may be immutable (JAX), so its `*_into`
+    #: methods return new arrays, as the plain methods do. `TorchForeachOps(in_place=True)` writes.
+    in_place: bool = False
 
     def __init__(self, xp: Any):
         self.xp = xp
@@ -335,6 +348,52 @@ class ArrayOps:
     def add_scalar(self, x: Leaves, s: Scalar) -> Leaves:
         return [a + self._cast(c, a) for c, a in zip(per_leaf(s, len(x)), x)]
 
+    # -- the same results, where an implementation may reuse a buffer the caller gives up ----
+    #
+    # `op_into(..., out=z)` returns what `op(...)` returns; `out` must be one of the input lists
+    # (the very list object), one that the caller owns and reads no more: an oracle's answer or an
+    # earlier result of these methods, never the parameters or a caller's gradients. An
+    # implementation with `in_place` writes the result into the arrays of `out` and returns a new
+    # list holding them (so `result is out` is False, while `result[i] is out[i]`); `ArrayOps`
+    # returns new arrays and leaves `out` as it is. Either way the caller treats `out` as consumed.
+    # The defaults call the plain methods, so an `ArrayOps` subclass that overrides those (TensorFlow's,
+    # JAX's) gets the same results here without writing anything.
+
+    def add_into(self, x: Leaves, y: Leaves, *, out: Leaves) -> Leaves:
+        """`x + y`, possibly written into `out` (`x` or `y`)."""
+        _check_out(out, x, y)
+        return self.add(x, y)
+
+    def sub_into(self, x: Leaves, y: Leaves, *, out: Leaves) -> Leaves:
+        """`x - y`, possibly written into `out` (`x` or `y`)."""
+        _check_out(out, x, y)
+        return self.sub(x, y)
+
+    def mul_into(self, x: Leaves, y: Leaves, *, out: Leaves) -> Leaves:
+        """`x * y` elementwise, possibly written into `out` (`x` or `y`)."""
+        _check_out(out, x, y)
+        return self.mul(x, y)
+
+    def scale_into(self, s: Scalar, x: Leaves, *, out: Leaves) -> Leaves:
+        """`s * x`, possibly written into `out` (`x`)."""
+        _check_out(out, x)
+        return self.scale(s, x)
+
+    def axpy_into(self, s: Scalar, x: Leaves, y: Leaves, *, out: Leaves) -> Leaves:
+        """`s * x + y`, possibly written into `out` (`x` or `y`)."""
+        _check_out(out, x, y)
+        return self.axpy(s, x, y)
+
+    def lincomb_into(self, a: Scalar, x: Leaves, b: Scalar, y: Leaves, *, out: Leaves) -> Leaves:
+        """`a * x + b * y`, possibly written into `out` (`x` or `y`)."""
+        _check_out(out, x, y)
+        return self.lincomb(a, x, b, y)
+
+    def add_scalar_into(self, x: Leaves, s: Scalar, *, out: Leaves) -> Leaves:
+        """`x + s`, possibly written into `out` (`x`)."""
+        _check_out(out, x)
+        return self.add_scalar(x, s)
+
     # -- reductions (0-d results in the accumulation dtype) -------------------------------
     def vdot(self, x: Leaves, y: Leaves) -> Any:
         xp = self.xp
@@ -351,6 +410,28 @@ class ArrayOps:
         """Global L2 norm over all leaves."""
         return self.xp.sqrt(self.vdot(x, x))
 
+    # -- control flow ----------------------------------------------------------------------
+    def cond(self, pred: Any, true_fn: Any, false_fn: Any, *, like: Any = None) -> Any:
+        """``true_fn()`` if the 0-d boolean array `pred` is true, else ``false_fn()``: only the branch
+        taken runs, so a rule can skip work (gradient evaluations) on some steps.
+
+        Both functions take no arguments and return pytrees of arrays of the same structure, shapes
+        and dtypes (a rule returns the same kind of thing from both). A predicate that has a value
+        is read on the host (``bool(pred)``; for a GPU array that is a device-to-host
+        synchronization, which a rule avoids by keeping the predicate's inputs, such as a step
+        counter, in host memory). A traced predicate (``jax.jit``, ``tf.function``) becomes the
+        framework's conditional, ``jax.lax.cond`` or ``tf.cond``, which traces both branches and
+        runs one: Python side effects of both happen at trace time (an oracle counts the
+        evaluations of both). Adapters may override this with their framework's conditional.
+
+        `like`: arrays the outputs are computed from (the gradient), for frameworks that type arrays
+        by how they vary over mapped axes (JAX's ``shard_map``; see `gradnorm._backend.traced_cond`).
+        """
+        branch = traced_cond(pred, like)
+        if branch is not None:
+            return branch(true_fn, false_fn)
+        return true_fn() if bool(pred) else false_fn()
+
     def all_finite(self, x: Leaves) -> Any:
         """Whether every entry of every leaf is finite (a 0-d boolean array). Unlike a norm,
         it cannot overflow."""
@@ -360,3 +441,13 @@ class ArrayOps:
             part = xp.all(xp.isfinite(a))
             out = part if out is None else xp.logical_and(out, part)
         return out if out is not None else xp.asarray(True)
+
+
+def _check_out(out: Any, *inputs: Leaves) -> None:
+    """A `ValueError` unless `out` is (identically) one of `inputs`: the `*_into` methods of
+    `ArrayOps` may only write into a list the result is computed from."""
+    if not any(out is x for x in inputs):
+        raise ValueError(
+            "`out` must be one of the input lists of the operation (the very list object, which the caller "
+            f"gives up). Received: {describe(out)}."
+        )

@@ -15,7 +15,10 @@ The problem: least squares on two leaves, ``{"w": (3,), "b": ()}`` (Keras: a ``D
   a learning rate of 0); ``info["grad_evals"]`` equals ``rule.grad_evals`` and the number of times the
   gradient / loss function actually ran (counted in Python: per step eagerly, at trace time under
   ``jax.jit`` / ``tf.function`` / Keras's compiled train function, where the later steps must not
-  run it again: no retrace); the direction keeps the parameters' dtype; the rule state survives each
+  run it again: no retrace). A rule of varying cost (``periodic``, ``looksam``: ``mean_grad_evals``
+  below ``grad_evals``) reports at each step what it spent, the same on every backend as on the
+  NumPy core, at most ``rule.grad_evals``; eagerly that many calls ran, and a trace (both branches)
+  runs ``rule.grad_evals``; the direction keeps the parameters' dtype; the rule state survives each
   adapter's save/load round trip (``state_dict``/``load_state_dict`` into a fresh optimizer, the optax
   state through NumPy, ``model.save``/``keras.models.load_model``, the functional steps' ``state``
   through NumPy) and the run continues bit for bit.
@@ -167,8 +170,11 @@ class Functional(Backend):
         return {k: params[k] - lr * direction[k] for k in params}
 
     def roundtrip(self, state):
-        """The state through the host: NumPy arrays, and back to the library."""
-        return type(state)(*[self.from_np(np.asarray(self.to_np(x)), x) for x in state])
+        """The state through the host, leaf by leaf (a tree: counters, parameter-sized buffers, a wrapped
+        rule's state): NumPy arrays, and back to the library."""
+        import optree
+
+        return optree.tree_map(lambda x: self.from_np(np.asarray(self.to_np(x)), x), state)
 
     def from_np(self, a: np.ndarray, like: Any) -> Any:
         raise NotImplementedError
@@ -211,7 +217,8 @@ class Functional(Backend):
 def _leaves(tree) -> list[Any]:
     import optree
 
-    return [x for x in optree.tree_leaves(tree, none_is_leaf=False) if not isinstance(x, (bool, int, float, str))]
+    return [x for x in optree.tree_leaves(tree, none_is_leaf=False)
+            if not isinstance(x, (bool, int, float, str, gradnorm.rules.Rule))]  # a wrapped rule is immutable
 
 
 # -- the core on Array API libraries, hand-written derivatives ---------------------------------
@@ -362,7 +369,7 @@ def torch_loss(torch, p, X, y):
 
 class TorchFunctional(TorchMixin, Functional):
     name = "torch_functional"
-    hvp_passes = 1  # forward-over-reverse: jvp of grad, a new pass (docs/adapters/torch.md)
+    hvp_passes = 0  # the default hvp="reverse_over_reverse": a vjp of the gradient pass, no new pass
 
     def setup(self):
         self.torch = pytest.importorskip("torch")
@@ -750,11 +757,28 @@ def _cells(settings, variants=(None,), per_backend=_settings_for):
     return cells
 
 
-def expected_calls(backend: Backend, rule_obj) -> int:
-    """Gradient / loss function calls of one step: the rule's gradient evaluations, plus the
-    passes the backend's HVP makes (the optax transform gets the first gradient as `updates`)."""
-    n = rule_obj.grad_evals + backend.hvp_passes * rule_obj.hvp_evals
+def expected_calls(backend: Backend, rule_obj, grad_evals: int | None = None, hvp_evals: int | None = None) -> int:
+    """Gradient / loss function calls of one step: the rule's gradient evaluations (or `grad_evals`,
+    what a step of a rule of varying cost spent), plus the passes the backend's HVP makes (the optax
+    transform gets the first gradient as `updates`)."""
+    grads = rule_obj.grad_evals if grad_evals is None else grad_evals
+    hvps = rule_obj.hvp_evals if hvp_evals is None else hvp_evals
+    n = grads + backend.hvp_passes * hvps
     return n - 1 if backend.name == "jax_transform" else n
+
+
+def varying_cost(rule_obj) -> bool:
+    """A rule whose steps cost different numbers of evaluations (``periodic``, ``looksam``): it declares
+    the most one step costs (`grad_evals`) and its long-run average (`mean_grad_evals`)."""
+    return rule_obj.mean_grad_evals != rule_obj.grad_evals
+
+
+@functools.cache
+def _spent_by_numpy(rule: str, setting: str) -> tuple[int, ...]:
+    """``info["grad_evals"]`` of each step of the contract's run on the NumPy core (eager: what ran,
+    counted), the spend every backend must report for a rule of varying cost."""
+    hyper = next(h for r, h in ADAPTER if r == rule and setting_id(r, h) == setting)
+    return tuple(rec.grad_evals for rec in get_backend("numpy").run(rule, hyper))
 
 
 def identity_base(backend: Backend) -> dict:
@@ -784,15 +808,26 @@ def test_contract(name, rule, hyper, tmp_path):
     run = backend.run(rule, hyper, compiled=traced, cache=cache, **kwargs)
     problems = []
     want = expected_calls(backend, rule_obj)
+    varying = varying_cost(rule_obj)
+    # a rule of varying cost: every backend reports what the NumPy core spent at each step (traced, both
+    # branches are traced once, at the most a step costs; run, only one)
+    spent = _spent_by_numpy(rule, setting_id(rule, hyper)) if varying else None
     for k, rec in enumerate(run):
         step = f"step {k + 1}" if len(run) > 1 else f"steps 1-{len(SEEDS)} (one fit)"
         if not rec.unchanged:
             problems.append(f"{step}: an input (params, data or hyperparameters) was modified")
-        if rec.grad_evals is not None and rec.grad_evals != rule_obj.grad_evals:
+        if rec.grad_evals is not None and not varying and rec.grad_evals != rule_obj.grad_evals:
             problems.append(f"{step}: info['grad_evals'] = {rec.grad_evals}, rule.grad_evals = {rule_obj.grad_evals}")
+        if rec.grad_evals is not None and varying and not (
+            1 <= rec.grad_evals <= rule_obj.grad_evals and rec.grad_evals == spent[k]
+        ):
+            problems.append(f"{step}: info['grad_evals'] = {rec.grad_evals}; the NumPy core spent {spent[k]}, "
+                            f"rule.grad_evals (the most) = {rule_obj.grad_evals}")
         if rec.hvp_evals is not None and rec.hvp_evals != rule_obj.hvp_evals:
             problems.append(f"{step}: info['hvp_evals'] = {rec.hvp_evals}, rule.hvp_evals = {rule_obj.hvp_evals}")
         calls_want = want if (k == 0 or not traced) else 0
+        if varying and not traced and rec.grad_evals is not None:  # eagerly, what the step spent ran
+            calls_want = expected_calls(backend, rule_obj, rec.grad_evals, rec.hvp_evals)
         if rec.calls != calls_want:
             what = "retraced: " if traced and (k > 0 or len(run) == 1) and rec.calls > calls_want else ""
             problems.append(f"{step}: {what}the loss/gradient function ran {rec.calls} times, expected {calls_want}"

@@ -186,6 +186,20 @@ def zero_strength_configs(zero: st.SearchStrategy) -> dict[str, st.SearchStrateg
             }
         ),
     }
+    configs["looksam"] = st.fixed_dictionaries(
+        {
+            "rho": zero,
+            "every": st.integers(1, 5),
+            "alpha": unit,
+            "decomposition": st.sampled_from(["global", "per_tensor"]),
+            "adaptive": st.booleans(),
+            "eta": unit,
+        }
+    )
+    configs["periodic"] = st.fixed_dictionaries(  # a wrapped rule at zero strength
+        {"inner": st.builds(lambda rho: gradnorm.rules.SAM(rho=rho), zero), "every": st.integers(1, 5),
+         "reuse": st.booleans()}
+    )
     for penalty in ("squared", "norm"):
         configs[f"gr({penalty})"] = st.fixed_dictionaries({"gamma": zero, "penalty": st.just(penalty)})
     for difference in ("forward", "backward", "central"):

@@ -55,6 +55,8 @@ _SCRIPT = textwrap.dedent(
         "gam": {{}},
         "flooding": {{"b": 0.1}},
         "coherent": {{"lam": 0.1, "threshold": 0.0}},
+        "periodic": {{"inner": gradnorm.rules.SAM(rho=0.05), "every": 2, "reuse": True}},
+        "looksam": {{"rho": 0.05, "every": 2}},
     }}
 
     def grad_fn(p):
@@ -258,7 +260,9 @@ _TF_SCRIPT = textwrap.dedent(
 
     after_import = adapters()
     HYPER = {"sam": {"rho": 0.05}, "gnp": {"r": 0.1, "alpha": 0.8}, "gr": {"gamma": 0.1}, "fd_gr": {"gamma": 0.1, "eps": 0.01},
-             "flooding": {"b": 0.1}, "coherent": {"lam": 0.1, "threshold": 0.0}}
+             "flooding": {"b": 0.1}, "coherent": {"lam": 0.1, "threshold": 0.0},
+             "periodic": {"inner": gradnorm.rules.SAM(rho=0.05), "every": 2, "reuse": True},
+             "looksam": {"rho": 0.05, "every": 2, "decomposition": "per_tensor"}}
 
     def grad_fn(p):  # 0.5 |p|^2: the gradient is p, the Hessian the identity
         return 0.5 * (tf.reduce_sum(p["w"] * p["w"]) + p["b"] * p["b"]), dict(p)

@@ -103,8 +103,9 @@ def all_rules_one_update():
         def program(p):
             value, grads = jax.value_and_grad(loss_fn)(p)
             out = [tx.update(grads, tx.init(p), p, value=value, loss_fn=loss_fn) for tx in txs]
-            # without value=: the transform computes the loss with loss_fn itself
-            out.append(txs[-2].update(grads, txs[-2].init(p), p, loss_fn=loss_fn))
+            # without value=: the transform computes the loss with loss_fn itself (flooding, which reads it)
+            flooding = txs[SETTINGS.index(("flooding", {"b": 5.0}))]
+            out.append(flooding.update(grads, flooding.init(p), p, loss_fn=loss_fn))
             return out
 
         return params, jax.jit(program)(params)

@@ -116,7 +116,7 @@ def clone_tree(tree):
 def assert_same_result(res, want, rtol=1e-12, atol=1e-13):
     assert isinstance(res, gradnorm.StepResult)
     assert_trees_close(res.grad, want.grad, rtol, atol)
-    assert_trees_close(res.state, want.state, 0, 0)
+    assert_trees_close(res.state, want.state, rtol, atol)  # counters exactly; buffers (periodic's g_v) closely
     assert set(res.info) == set(want.info)
     assert_trees_close(res.info, want.info, rtol, atol)
     torch.testing.assert_close(res.loss, want.loss, rtol=rtol, atol=atol)
@@ -158,8 +158,8 @@ def test_both_hvp_modes_agree_for_gr(problem, penalty):
         _, params, loss_fn, *args = mlp_problem()
     else:
         params, loss_fn, args, _, _ = quadratic_problem()
-    a = gt.step(params, loss_fn, *args, rule="gr", gamma=0.3, penalty=penalty)
-    b = gt.step(params, loss_fn, *args, rule="gr", gamma=0.3, penalty=penalty, hvp="reverse_over_reverse")
+    a = gt.step(params, loss_fn, *args, rule="gr", gamma=0.3, penalty=penalty, hvp="forward_over_reverse")
+    b = gt.step(params, loss_fn, *args, rule="gr", gamma=0.3, penalty=penalty)  # the default: reverse over reverse
     assert_same_result(a, b)
     assert a.info["hvp_evals"] == b.info["hvp_evals"] == 1
 
@@ -277,6 +277,8 @@ def test_no_tensor_is_read_back_to_the_host(monkeypatch, hvp):
         gt.step(params, loss_fn, *args, rule=rule, hvp=hvp, **hyper)  # warm up torch.func's lazy imports
     with no_host_reads(monkeypatch):
         for rule, hyper in SETTINGS:
+            if gradnorm.rules.get(rule, **hyper).mean_grad_evals != gradnorm.rules.get(rule, **hyper).grad_evals:
+                continue  # periodic rules read their host-memory step counter (tests/test_periodic.py)
             state = None
             for _ in range(2):
                 state = gt.step(params, loss_fn, *args, rule=rule, state=state, hvp=hvp, **hyper).state

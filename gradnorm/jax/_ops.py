@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
+from .._backend import traced_cond
 from .._tree import ArrayOps
 
 __all__ = ["JaxOps"]
@@ -37,6 +39,16 @@ class JaxOps(ArrayOps):
         a = self._flat(x, acc)
         b = a if all(u is v for u, v in zip(x, y)) else self._flat(y, acc)
         return jnp.dot(a, b, precision="highest")
+
+    def cond(self, pred: Any, true_fn: Any, false_fn: Any, *, like: Any = None) -> Any:
+        """``jax.lax.cond`` for a traced predicate (under ``jax.jit`` only the branch taken runs, and
+        nothing is recompiled when the predicate changes); eagerly, the predicate's value picks the
+        branch on the host, so that only that branch is traced and run (``lax.cond`` would trace,
+        hence evaluate the loss of, both). Inside ``jax.shard_map`` the outputs of both branches
+        vary over the mapped axes `like` varies over (`gradnorm._backend.traced_cond`)."""
+        if isinstance(pred, jax.core.Tracer):
+            return traced_cond(pred, like)(true_fn, false_fn)
+        return true_fn() if bool(pred) else false_fn()
 
     def all_finite(self, x: list[Any]) -> Any:
         if not x:

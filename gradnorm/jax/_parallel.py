@@ -110,5 +110,6 @@ def data_parallel_step(
     mapped = jax.shard_map(body, mesh=mesh, in_specs=(replicated, replicated, replicated, *([split] * len(args))),
                            out_specs=replicated)
     grad, loss, state, info = mapped(params, state, key, *args)
-    info = {**info, "grad_evals": rule_obj.grad_evals, "hvp_evals": rule_obj.hvp_evals}
+    # the static counts; a rule whose cost depends on a traced branch (periodic) reported an array, kept
+    info = {"grad_evals": rule_obj.grad_evals, "hvp_evals": rule_obj.hvp_evals, **info}
     return StepResult(grad, loss, state, info)

@@ -20,6 +20,7 @@ from ._flooding import Flooding, flood, iflood
 from ._gam import GAM
 from ._gnp import GNP
 from ._gr import GR
+from ._periodic import LookSAM, Periodic, PeriodicState
 from ._sam import SAM
 from ._sgd import SGD
 
@@ -41,11 +42,15 @@ __all__ = [
     "Flooding",
     "Coherent",
     "CoherentState",
+    "Periodic",
+    "LookSAM",
+    "PeriodicState",
     "coherence",
     "flood",
     "iflood",
     "REGISTRY",
     "get",
+    "from_config",
     "register",
     "names",
 ]
@@ -65,7 +70,7 @@ def register(cls: type[Rule]) -> type[Rule]:
     return cls
 
 
-for _cls in (SGD, SAM, GNP, GR, FDGR, GAM, Flooding, Coherent):
+for _cls in (SGD, SAM, GNP, GR, FDGR, GAM, Flooding, Coherent, Periodic, LookSAM):
     register(_cls)
 
 
@@ -97,3 +102,16 @@ def get(rule: Any, **hyperparameters: Any) -> Rule:
             f"`rule` must be one of {', '.join(repr(n) for n in REGISTRY)}. Received: {rule!r}.{hint}"
         )
     return cls(**hyperparameters)
+
+
+def from_config(config: Any) -> Rule:
+    """The rule a ``{"rule": name, "hyperparameters": {...}}`` dict describes (`Rule.to_config`'s
+    output, as a Keras config or a checkpoint stores it): ``get(config["rule"], **config["hyperparameters"])``.
+    A hyperparameter that takes a rule (`Periodic`'s `inner`) accepts the nested dict as it is."""
+    if not (isinstance(config, dict) and set(config) == {"rule", "hyperparameters"}
+            and isinstance(config["hyperparameters"], dict)):
+        raise TypeError(
+            f"`config` must be a dict {{'rule': name, 'hyperparameters': {{...}}}} (from `Rule.to_config()`). "
+            f"Received: {describe(config)}."
+        )
+    return get(config["rule"], **config["hyperparameters"])

@@ -240,6 +240,16 @@ class Rule:
             object.__setattr__(new, "_collapsed_per_leaf", {**kept, **new._collapsed_per_leaf})  # type: ignore[attr-defined]
         return new
 
+    def to_config(self) -> dict[str, Any]:
+        """The rule as plain data, ``{"rule": name, "hyperparameters": {...}}``, with a rule held as a
+        hyperparameter (the inner rule of `gradnorm.rules.Periodic`) in the same form: what a Keras
+        config or a checkpoint stores. `gradnorm.rules.from_config` (and every hyperparameter that
+        takes a rule) builds the rule back. Array and `PerLeaf` values are kept as they are."""
+        return {
+            "rule": self.name,
+            "hyperparameters": {k: v.to_config() if isinstance(v, Rule) else v for k, v in self.config.items()},
+        }
+
     def __setattr__(self, key: str, value: Any) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable; use `.replace({key}=...)` for a changed copy.")
 
@@ -256,7 +266,7 @@ class Rule:
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and all(
-            a is b or (isinstance(a, (int, float, str, bool, _tree.PerLeaf)) and a == b)
+            a is b or (isinstance(a, (int, float, str, bool, _tree.PerLeaf, Rule)) and a == b)
             for a, b in zip(self.config.values(), other.config.values())  # type: ignore[attr-defined]
         )
 
@@ -269,8 +279,16 @@ class Rule:
     # -- cost -------------------------------------------------------------------------
     @property
     def grad_evals(self) -> int:
-        """Gradient evaluations one step costs (the performance floor's multiplier)."""
+        """Gradient evaluations one step costs (the performance floor's multiplier); for a rule
+        whose cost varies from step to step (`gradnorm.rules.Periodic`), the most one step costs."""
         return 1
+
+    @property
+    def mean_grad_evals(self) -> float:
+        """Gradient evaluations per step on average over a long run: `grad_evals` for a rule that
+        costs the same at every step; less for one that skips evaluations on some steps
+        (`gradnorm.rules.Periodic` with ``every=k``: ``(grad_evals + k - 1) / k``)."""
+        return float(self.grad_evals)
 
     @property
     def hvp_evals(self) -> int:
@@ -355,6 +373,7 @@ class Rule:
         grads: list[Any] | None = None,
         ops: _tree.ArrayOps | None = None,
         norms: bool = True,
+        donate_grads: bool = False,
     ) -> tuple[list[Any], Any, dict[str, Any]]:
         """One step on flat lists of leaves: the kernel every adapter calls.
 
@@ -369,11 +388,24 @@ class Rule:
             state: the rule state from `init`/`init_leaves` or the previous update.
             oracle: a `LeafOracle` on these leaves.
             loss, grads: the loss and the gradient leaves at `params`, if the caller has them;
-                they are trusted (not checked): `update` checks what users pass.
+                they are trusted (not checked): `update` checks what users pass. Their arrays are
+                never written.
             ops: leaf-list arithmetic (default `ArrayOps` of the leaves' namespace).
             norms: report `grad_norm` and `update_norm` in `info`. With False, the reductions
                 the rule does not need itself are skipped (each is a pass over the
                 parameters, a few percent of a step of a small model in eager PyTorch).
+            donate_grads: the caller gives the list `grads` to the step and reads it no more: a
+                rule that donates its gradient to the oracle (SAM, once the perturbed point is
+                formed) then releases the elements of this very list, so that the caller holds no
+                reference that would keep the first gradient alive through the next pass (the
+                PyTorch optimizer passes True). Otherwise the rule works on a copy of the list
+                (of the references, not of the arrays), and the caller's list is never changed.
+
+        Memory: the rule owns the gradient lists the oracle returns and the results of `ops`; it
+        donates those it reads no more to the oracle (`value_and_grad_along(..., donate=...)`) and
+        combines them with the `ops.*_into` methods, which an adapter's in-place ops (PyTorch)
+        computes in their buffers. So a step holds, at its peak, only the parameter-sized lists the
+        rule's math needs at once (ALGORITHMS.md, section 0), on a backend with mutable arrays.
 
         Returns:
             `(direction, state, info)`, `direction` a list like `params`. `info` holds 0-d
@@ -412,6 +444,8 @@ class Rule:
             given = 0
         else:
             given = 1
+            if not donate_grads:
+                grads = list(grads)  # the rule may release the elements of its list: not the caller's
         grad_norm = ops.norm(grads) if norms or self.uses_grad_norm else None
         direction, state, info = self.compute_direction(params, grads, loss, grad_norm, state, oracle, ops)
         out: dict[str, Any] = {"loss": loss}
@@ -422,9 +456,13 @@ class Rule:
             out["update_norm"] = grad_norm if direction is grads else ops.norm(direction)
         # Elementwise, not from the norm: a norm can overflow while every entry is finite.
         out["finite"] = xp.logical_and(xp.isfinite(loss), ops.all_finite(direction))
+        # A rule whose cost varies from step to step reports what its compute_direction spent (a
+        # branch under jax.jit / tf.function is traced, and counted, whichever runs): the first
+        # gradient is added here.
+        spent_grads, spent_hvps = info.get("grad_evals"), info.get("hvp_evals")
         out.update(info)
-        out["grad_evals"] = oracle.grad_evals - evals_before + given
-        out["hvp_evals"] = oracle.hvp_evals - hvps_before
+        out["grad_evals"] = (oracle.grad_evals - evals_before + given) if spent_grads is None else spent_grads + 1
+        out["hvp_evals"] = (oracle.hvp_evals - hvps_before) if spent_hvps is None else spent_hvps
         return direction, state, out
 
     def _check_array_hyperparameters(self, xp: Any) -> None:
@@ -483,15 +521,26 @@ class Rule:
 
         Args:
             params: the parameter leaves (read them from this list; see `update_leaves`).
-            grads: the gradient leaves at `params` (do not modify them; returning this very list
-                means "the plain gradient" and saves a reduction).
+            grads: the gradient leaves at `params` (never write into its arrays, which the caller
+                may have supplied; returning this very list means "the plain gradient" and saves a
+                reduction). The list is the rule's own: once the rule reads it no more it may
+                donate it to the oracle (`value_and_grad_along(..., donate=(grads,))`), which
+                frees the first gradient's memory before the next pass.
             loss: the loss at `params` (a 0-d array).
             grad_norm: the global L2 norm of `grads` (0-d, float32 at least), or None when the
                 rule declares `uses_grad_norm = False` and the caller asked for no norms.
             state: the rule state.
             oracle: the `LeafOracle`: `value_and_grad(leaves)`, `value_and_grad_along(base, step,
-                v)`, `hvp(leaves, v)`; the evaluations it spends must equal `grad_evals`.
+                v, donate=...)`, `hvp(leaves, v)`; the evaluations it spends must equal
+                `grad_evals`. The gradient lists it returns are the rule's: it may pass them as
+                `out` to the `ops.*_into` methods once it reads them no more.
             ops: leaf-list arithmetic (`ArrayOps`), with `ops.xp` the array namespace.
+
+        `info` may hold ``"grad_evals"`` / ``"hvp_evals"``: the gradient evaluations / HVPs this
+        method spent at this step (a Python int, or a 0-d integer array where that depends on a
+        traced branch of `ArrayOps.cond`), for a rule whose cost varies from step to step; then
+        `update_leaves` reports them (plus the first gradient) instead of what the oracle counted,
+        which under ``jax.jit`` / ``tf.function`` includes the branches not taken.
         """
         raise NotImplementedError
 

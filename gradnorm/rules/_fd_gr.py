@@ -62,14 +62,18 @@ class FDGR(Rule):
             return grads, state, {"step_size": self.eps}
         step = self.eps / (grad_norm + self.norm_eps) if self.normalize else self.eps
         info = {"step_size": step}
+        # Memory: the difference and then the direction are computed in the buffer of the oracle's
+        # last answer (read no more), so a step holds g, the perturbed gradient(s) and the oracle's
+        # copy of the weights, and nothing else.
         if self.difference == "forward":
             info["ascent_loss"], g_plus = oracle.value_and_grad_along(params, step, grads)
-            difference, denominator = ops.sub(g_plus, grads), step
+            difference, denominator = ops.sub_into(g_plus, grads, out=g_plus), step
         elif self.difference == "backward":
             info["descent_loss"], g_minus = oracle.value_and_grad_along(params, -step, grads)
-            difference, denominator = ops.sub(grads, g_minus), step
+            difference, denominator = ops.sub_into(grads, g_minus, out=g_minus), step
         else:
             info["ascent_loss"], g_plus = oracle.value_and_grad_along(params, step, grads)
             info["descent_loss"], g_minus = oracle.value_and_grad_along(params, -step, grads)
-            difference, denominator = ops.sub(g_plus, g_minus), 2.0 * step
-        return ops.axpy(self.gamma / denominator, difference, grads), state, info
+            difference, denominator = ops.sub_into(g_plus, g_minus, out=g_plus), 2.0 * step
+            del g_minus
+        return ops.axpy_into(self.gamma / denominator, difference, grads, out=difference), state, info

@@ -67,37 +67,52 @@ class GAM(Rule):
     def uses_grad_norm(self) -> bool:
         return not self.adaptive
 
-    def _along(self, base: list[Any], v: list[Any], radius: Any, ops) -> tuple[Any, list[Any]]:
-        r"""`(step, u)` with $P(\theta, v, r) = \theta + \text{step}\cdot u$."""
+    def _along(self, base: list[Any], v: list[Any], radius: Any, ops, *, own_v: bool = False) -> tuple[Any, list[Any]]:
+        r"""`(step, u)` with $P(\theta, v, r) = \theta + \text{step}\cdot u$. `own_v`: `v` is a
+        list the rule reads no more (adaptive: `u` may be computed in its buffer)."""
         if self.adaptive:
             w = ops.abs(base)
-            return radius / (ops.norm(ops.mul(w, v)) + self.norm_eps), ops.mul(ops.mul(base, base), v)
+            wv = ops.mul_into(w, v, out=w)
+            step = radius / (ops.norm(wv) + self.norm_eps)
+            del w, wv
+            squares = ops.mul(base, base)
+            return step, (ops.mul_into(squares, v, out=v) if own_v else ops.mul_into(squares, v, out=squares))
         return radius / (ops.norm(v) + self.norm_eps), v
 
     def compute_direction(self, params, grads, loss, grad_norm, state, oracle, ops):
         if self._identity():
             return grads, state, {}
+        # Memory: every combination is computed in the buffer of a list the rule reads no more (the
+        # oracle's answers, earlier results: `ops.*_into`), and the base of the last point is donated
+        # to the oracle once that point is formed. At its peak (the fourth pass) a step holds g0, g1,
+        # g2, the gradient being computed and the oracle's copy of the weights: four
+        # parameter-sized buffers beyond a plain step (ALGORITHMS.md, section 0).
         eps = self.norm_eps
         g0 = grads
         if self.adaptive:
             step1, u1 = self._along(params, g0, self.grad_rho, ops)
+            loss1, g1 = oracle.value_and_grad_along(params, step1, u1, donate=(u1,))
         else:  # reuse the norm already computed
-            step1, u1 = self.grad_rho / (grad_norm + eps), g0
-        loss1, g1 = oracle.value_and_grad_along(params, step1, u1)
-        step2, u2 = self._along(params, ops.sub(g1, g0), self.grad_norm_rho, ops)
-        x2 = ops.axpy(step2, u2, params)  # the base of the last point
+            loss1, g1 = oracle.value_and_grad_along(params, self.grad_rho / (grad_norm + eps), g0)
+        step2, u2 = self._along(params, ops.sub(g1, g0), self.grad_norm_rho, ops, own_v=True)
+        x2 = ops.axpy_into(step2, u2, params, out=u2)  # the base of the last point
+        del u2
         loss2, g2 = oracle.value_and_grad(x2)
-        loss3, g3 = oracle.value_and_grad_along(x2, *self._along(x2, g2, self.grad_rho, ops))
+        step3, u3 = self._along(x2, g2, self.grad_rho, ops)
+        loss3, g3 = oracle.value_and_grad_along(x2, step3, u3, donate=(x2, u3) if self.adaptive else (x2,))
+        del x2, u3
 
         b0, b1 = self.grad_beta_0, self.grad_beta_1
-        h_plus = ops.lincomb(b1, g1, 1.0 - b1, g3)
+        h_plus = ops.lincomb_into(b1, g1, 1.0 - b1, g3, out=g3)
+        del g1, g3
         if self.variant == "code":
-            h_minus = ops.axpy(abs(1.0 - b0) if isinstance(b0, float) else ops.xp.abs(1.0 - b0), g2, g0)
+            h_minus = ops.axpy_into(abs(1.0 - b0) if isinstance(b0, float) else ops.xp.abs(1.0 - b0), g2, g0, out=g2)
         else:
-            h_minus = ops.lincomb(b0, g0, 1.0 - b0, g2)
+            h_minus = ops.lincomb_into(b0, g0, 1.0 - b0, g2, out=g2)
+        del g2
         n_plus, n_minus = ops.norm(h_plus), ops.norm(h_minus)
         cosine = ops.vdot(h_minus, h_plus) / (n_plus * n_minus + eps)
-        perp = ops.axpy(-cosine * n_minus / (n_plus + eps), h_plus, h_minus)
-        direction = ops.axpy(-self.grad_gamma, perp, h_plus)
+        perp = ops.axpy_into(-cosine * n_minus / (n_plus + eps), h_plus, h_minus, out=h_minus)
+        direction = ops.axpy_into(-self.grad_gamma, perp, h_plus, out=h_plus)
         info = {"perturbed_loss": loss1, "norm_ascent_loss": loss2, "norm_ascent_perturbed_loss": loss3, "cosine": cosine}
         return direction, state, info

@@ -53,9 +53,13 @@ class GNP(Rule):
         if self._identity():
             return grads, state, {"perturbed_loss": loss}
         step = ascent_step(grad_norm, self.r, self.norm_eps)
-        perturbed_loss, perturbed_grads = oracle.value_and_grad_along(params, step, grads)
-        if is_static(self.alpha, 1.0):
+        if is_static(self.alpha, 1.0):  # SAM: g is dead once the point is formed
+            perturbed_loss, perturbed_grads = oracle.value_and_grad_along(params, step, grads, donate=(grads,))
             return perturbed_grads, state, {"perturbed_loss": perturbed_loss}
-        first = ops.scale(1.0 / (grad_norm + self.norm_eps), grads) if self.mix_unit_gradient else grads
-        direction = ops.lincomb(1.0 - self.alpha, first, self.alpha, perturbed_grads)
+        perturbed_loss, perturbed_grads = oracle.value_and_grad_along(params, step, grads)
+        # (1 - alpha) g_first + alpha g_p, computed in the buffer of g_p (the oracle's answer, read no
+        # more), so a step holds g, g_p and the oracle's copy of the weights and nothing else. The
+        # unit gradient of `mix_unit_gradient` is folded into the coefficient: no scaled copy of g.
+        first = (1.0 - self.alpha) / (grad_norm + self.norm_eps) if self.mix_unit_gradient else 1.0 - self.alpha
+        direction = ops.lincomb_into(first, grads, self.alpha, perturbed_grads, out=perturbed_grads)
         return direction, state, {"perturbed_loss": perturbed_loss}

@@ -73,12 +73,19 @@ class SAM(Rule):
     def compute_direction(self, params, grads, loss, grad_norm, state, oracle, ops):
         if is_static_zero(self.rho):
             return grads, state, {"perturbed_loss": loss}
+        # Memory: g is dead once the weights hold theta + e, so it is donated to the oracle, which
+        # releases it before the second pass; the perturbed gradient takes its place (the extra
+        # memory of a step is the oracle's copy of the weights, nothing else).
         if self.adaptive:
-            t = ops.add_scalar(ops.abs(params), self.eta) if not is_static_zero(self.eta) else ops.abs(params)
+            t = ops.abs(params)
+            if not is_static_zero(self.eta):
+                t = ops.add_scalar_into(t, self.eta, out=t)
             tg = ops.mul(t, grads)
             step = ascent_step(ops.norm(tg), self.rho, self.norm_eps)
-            perturbed_loss, perturbed_grads = oracle.value_and_grad_along(params, step, ops.mul(t, tg))
+            v = ops.mul_into(t, tg, out=tg)  # T * (T * g)
+            del t, tg
+            perturbed_loss, perturbed_grads = oracle.value_and_grad_along(params, step, v, donate=(grads, v))
         else:
             step = ascent_step(grad_norm, self.rho, self.norm_eps)
-            perturbed_loss, perturbed_grads = oracle.value_and_grad_along(params, step, grads)
+            perturbed_loss, perturbed_grads = oracle.value_and_grad_along(params, step, grads, donate=(grads,))
         return perturbed_grads, state, {"perturbed_loss": perturbed_loss}

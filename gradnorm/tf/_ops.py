@@ -140,6 +140,15 @@ class TFOps(ArrayOps):
         parts = [tf.reduce_all(tf.math.is_finite(a)) for a in x]
         return parts[0] if len(parts) == 1 else tf.reduce_all(tf.stack(parts))
 
+    # -- control flow ----------------------------------------------------------------------
+    def cond(self, pred: Any, true_fn: Any, false_fn: Any, *, like: Any = None) -> Any:
+        """``tf.cond`` inside ``tf.function`` (and Keras's compiled train function): both branches
+        are traced, one runs, and the function is not retraced when the predicate changes. Eagerly,
+        the predicate's value picks the branch on the host. (`like` matters to JAX only.)"""
+        if not tf.executing_eagerly():
+            return tf.cond(pred, true_fn, false_fn)
+        return true_fn() if bool(pred) else false_fn()
+
     # -- in place, for the oracle --------------------------------------------------------
     def assign_axpy(self, s: Any, v: Leaves, variables: list[Any]) -> None:
         """`variables += s * v` (``assign_add``; the variables hold the base point)."""

@@ -393,8 +393,15 @@ class GradnormModel(GradnormTrainStep, keras.Model):
 
     def get_config(self) -> dict[str, Any]:
         settings = self._settings()
-        hyper = settings.rule.config
-        dynamic = [k for k, v in hyper.items() if not isinstance(v, (int, float, str, bool))]
+        # a wrapped rule (gradnorm.rules.Periodic's `inner`) as its nested config {"rule", "hyperparameters"}
+        hyper = settings.rule.to_config()["hyperparameters"]
+
+        def plain(v: Any) -> bool:
+            if isinstance(v, dict) and set(v) == {"rule", "hyperparameters"}:
+                return all(plain(x) for x in v["hyperparameters"].values())
+            return isinstance(v, (int, float, str, bool))
+
+        dynamic = [k for k, v in hyper.items() if not plain(v)]
         if dynamic:
             raise ValueError(
                 f"GradnormModel.get_config: hyperparameters {dynamic} are tensors, which a config cannot hold; "

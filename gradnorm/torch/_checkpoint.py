@@ -31,8 +31,20 @@ _FIELDS = ("rule", "hyperparameters", "state")
 def rule_entry(rule: _rules.Rule, state: Any) -> dict[str, Any]:
     """The ``"gradnorm"`` entry of a state dict."""
     leaves = None if state is None else list(optree.tree_leaves(state))
-    config = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in rule.config.items()}
-    return {"rule": rule.name, "hyperparameters": config, "state": leaves}
+    return {"rule": rule.name, "hyperparameters": _plain(rule.to_config()["hyperparameters"]), "state": leaves}
+
+
+def _plain(config: dict[str, Any]) -> dict[str, Any]:
+    """Hyperparameters as plain data (``torch.load(weights_only=True)`` reads them back): tensors as
+    lists, a wrapped rule (`gradnorm.rules.Periodic`'s `inner`) as its nested config."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, torch.Tensor):
+            v = v.tolist()
+        elif isinstance(v, dict) and set(v) == {"rule", "hyperparameters"}:
+            v = {"rule": v["rule"], "hyperparameters": _plain(v["hyperparameters"])}
+        out[k] = v
+    return out
 
 
 def checked_rule_state(entry: Any, rule: _rules.Rule, params: list[torch.Tensor]) -> Any:

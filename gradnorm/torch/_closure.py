@@ -94,6 +94,13 @@ class ClosureOracle(LiveWeights):
         params: the live parameters (the weights the closure reads).
         closure: the LBFGS-style closure, or None (then only a first pass given by the caller works).
         ops: the optimizer's `TorchForeachOps` (its in-place ``axpy_`` forms points in the weights).
+
+    Memory: the gradients a pass returns are the ``.grad`` tensors the closure's backward made,
+    detached from the parameters (``.grad`` is None between passes) and referenced by nothing else,
+    so the rule owns them: what it donates is released before the next pass (the pass's backward
+    then allocates in memory just freed), and the optimizer's ``TorchForeachOps(in_place=True)``
+    computes the rule's combinations in their buffers. Besides them a step holds the snapshot (the
+    optimizer's buffer, kept between steps) and nothing parameter-sized.
         scratch: a function returning a list of tensors like `params` to hold the snapshot (the
             optimizer keeps one buffer between steps).
         has_hvp: the rule differentiates the gradient (the first pass keeps its graph).
@@ -124,8 +131,10 @@ class ClosureOracle(LiveWeights):
         # reduce-scatter), so the loss is averaged over it too (flooding and the finite check see
         # the global loss, and every rank takes the same decisions).
         self._loss_mesh = _ops.dtensor_mesh(params) if ddp is None else None
-        self._graph: list[torch.Tensor] | None = None  # the first pass's gradients, with their graph
-        self.first_grads: list[torch.Tensor] | None = None  # the rule's view of the first pass's gradients
+        # The first pass's gradients, with their graph (exact GR only). The oracle keeps no other
+        # reference to the gradients it returns: they are the rule's, which may donate them
+        # (released before the next pass) or compute in their buffers (`TorchForeachOps.*_into`).
+        self._graph: list[torch.Tensor] | None = None
 
     def global_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """A first-pass loss the caller computed (``step(closure, loss=...)``), as the rule must see
@@ -195,12 +204,10 @@ class ClosureOracle(LiveWeights):
             p.grad = None
         if self.unscale is not None:
             with torch.enable_grad() if create_graph else contextlib.nullcontext():  # keep the graph for H v
-                grads = self.unscale(grads)
+                grads = self.unscale(grads, in_place=not create_graph)
         if create_graph:
             self._graph = grads
             grads = [g.detach() for g in grads]
-        if first:
-            self.first_grads = grads
         return loss.detach(), grads
 
     def _hvp(self, point: list[torch.Tensor], v: list[torch.Tensor]) -> list[torch.Tensor]:

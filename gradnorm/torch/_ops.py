@@ -8,7 +8,12 @@ per leaf.
 Contract (the same as `ArrayOps`):
 
 * Inputs are never mutated. The in-place kernels (``torch._foreach_*_``) only ever touch lists
-  this module has just allocated.
+  this module has just allocated, with two explicit exceptions: ``axpy_`` writes into the list the
+  caller names (the optimizer forms a point in its weights), and, with ``in_place=True``, the
+  ``*_into`` methods compute their result in the buffers of ``out``, a list the caller gives up.
+* Temporaries are bounded: where an in-place kernel needs one (``s * x`` before ``y += ...``
+  on CUDA, the products of ``vdot``), it is made for chunks of leaves of at most 1/16 of the
+  list's bytes (at least 4 MiB, at least one leaf), not for the whole list.
 * Nothing is read back to the host. A scalar that is a 0-d tensor (``rho / (||g|| + eps)``)
   stays a tensor: it goes to the ``Tensor`` overloads of ``_foreach_mul`` / ``_foreach_add``,
   which read it on the device.
@@ -38,7 +43,7 @@ from typing import Any
 import array_api_compat
 import torch
 
-from .._tree import ArrayOps, PerLeaf, saturate_number, saturation_bound
+from .._tree import ArrayOps, PerLeaf, _check_out, saturate_number, saturation_bound
 
 __all__ = ["TorchForeachOps"]
 
@@ -138,18 +143,133 @@ def _axpy(x: Leaves, y: Leaves, s: Scalar) -> Sequence[torch.Tensor]:
     return torch._foreach_add(y, x, alpha=s)
 
 
+#: A temporary that an in-place kernel cannot avoid (``s * x`` before ``y += ...`` on CUDA) is made
+#: for chunks of leaves of at most 1/_TEMP_FRACTION of the list's bytes (or one leaf, or
+#: _MIN_CHUNK_BYTES, whichever is larger), not for the whole list: forming a point in the weights
+#: must not cost a parameter-sized buffer.
+_TEMP_FRACTION = 16
+_MIN_CHUNK_BYTES = 4 << 20
+
+
+def _chunks(x: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
+    """Index ranges `[i, j)` covering `x`, each of at most the temporary budget's bytes (at least one
+    leaf each); one range for a small list, and under torch.compile (Inductor plans the memory)."""
+    n = len(x)
+    if _compiling():
+        return [(0, n)]
+    sizes = [t.numel() * t.element_size() for t in x]
+    total = sum(sizes)
+    budget = max(total // _TEMP_FRACTION, _MIN_CHUNK_BYTES)
+    if total <= budget:
+        return [(0, n)]
+    out, start, filled = [], 0, 0
+    for i, size in enumerate(sizes):
+        if filled and filled + size > budget:
+            out.append((start, i))
+            start, filled = i, 0
+        filled += size
+    out.append((start, n))
+    return out
+
+
 def _axpy_inplace(x: Leaves, y: Leaves, s: Scalar) -> Sequence[torch.Tensor]:
-    if isinstance(s, PerLeaf):
-        torch._foreach_add_(y, _scaled(x, s))
-    elif not isinstance(s, torch.Tensor):
+    """`y += s * x`, without a temporary the size of the list."""
+    if not isinstance(s, (torch.Tensor, PerLeaf)):
         torch._foreach_add_(y, x, alpha=s)
-    elif y[0].device.type == "cpu":
+    elif not isinstance(s, PerLeaf) and y[0].device.type == "cpu":
         # CPU foreach kernels loop over the tensors anyway: addcmul with the 0-d factor
         # broadcast saves the temporary that mul + add would allocate.
         torch._foreach_addcmul_(y, x, [s] * len(x))
-    else:  # two fused kernels (a list of 0-d factors would leave the fused CUDA path)
-        torch._foreach_add_(y, torch._foreach_mul(x, s))
+    else:  # two fused kernels per chunk (a list of 0-d factors would leave the fused CUDA path)
+        for i, j in _chunks(x):
+            part = s.take(range(i, j)) if isinstance(s, PerLeaf) else s
+            torch._foreach_add_(y[i:j], _scaled(x[i:j], part))
     return y
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _scale_(x: Leaves, s: Scalar) -> Leaves:
+    """`x *= s` (`_scaled` in place, with its values)."""
+    if x and x[0].dtype in _HALF and x[0].device.type == "cpu":
+        # The CPU's in-place foreach kernel multiplies a half-precision list by a number rounded to
+        # the list's dtype first (0.37 becomes 0.3691 in bfloat16); Tensor.mul_ rounds the product
+        # once, as the out-of-place kernels do. The CPU loops over the tensors anyway.
+        values = s.values if isinstance(s, PerLeaf) else (s,) * len(x)
+        for a, v in zip(x, values):
+            a.mul_(v)
+        if isinstance(s, PerLeaf) and not (isinstance(s.factor, (int, float)) and s.factor == 1):
+            for a in x:
+                a.mul_(s.factor)
+        return x
+    if not isinstance(s, PerLeaf):
+        torch._foreach_mul_(x, s)
+        return x
+    torch._foreach_mul_(x, list(s.values))
+    if not (isinstance(s.factor, (int, float)) and s.factor == 1):
+        torch._foreach_mul_(x, s.factor)
+    return x
+
+
+# the kernels of the `*_into` methods: the result in the buffers of the first list (`_x`) or of
+# the second (`_y`); each gives the out-of-place kernel's value, bit for bit where noted
+
+
+def _add_into_x(x: Leaves, y: Leaves) -> Leaves:  # exact (y + x == x + y)
+    torch._foreach_add_(x, y)
+    return x
+
+
+def _sub_into_x(x: Leaves, y: Leaves) -> Leaves:  # exact
+    torch._foreach_sub_(x, y)
+    return x
+
+
+def _sub_into_y(x: Leaves, y: Leaves) -> Leaves:  # exact: -(y - x) == x - y
+    torch._foreach_sub_(y, x)
+    torch._foreach_neg_(y)
+    return y
+
+
+def _mul_into_x(x: Leaves, y: Leaves) -> Leaves:  # exact
+    torch._foreach_mul_(x, y)
+    return x
+
+
+def _axpy_into_x(x: Leaves, y: Leaves, s: Scalar) -> Leaves:  # exact for a tensor or PerLeaf `s`
+    _scale_(x, s)
+    torch._foreach_add_(x, y)
+    return x
+
+
+def _axpy_into_y(x: Leaves, y: Leaves, s: Scalar) -> Leaves:  # exact for a number `s`
+    return list(_axpy_inplace(x, y, s))
+
+
+def _lincomb_into_x(x: Leaves, y: Leaves, a: Scalar, b: Scalar) -> Leaves:  # exact for numbers
+    _scale_(x, a)
+    _axpy_inplace(y, x, b)
+    return x
+
+
+def _lincomb_into_y(x: Leaves, y: Leaves, a: Scalar, b: Scalar) -> Leaves:  # exact for a number `a`, tensor `b`
+    _scale_(y, b)
+    _axpy_inplace(x, y, a)
+    return y
+
+
+def _add_scalar_(x: Leaves, s: Scalar) -> Leaves:
+    if not isinstance(s, PerLeaf):
+        torch._foreach_add_(x, s)
+        return x
+    values = s.leaf_values()
+    if isinstance(values[0], torch.Tensor):
+        for a, v in zip(x, values):
+            a.add_(v)
+    else:
+        torch._foreach_add_(x, values)
+    return x
 
 
 def _lincomb(x: Leaves, y: Leaves, a: Scalar, b: Scalar) -> Sequence[torch.Tensor]:
@@ -393,10 +513,25 @@ class TorchForeachOps(ArrayOps):
     as the Array API (and ``array_api_compat.torch.sign``, with a per-leaf boolean-mask write)
     does, although ``torch.sign(nan)`` is 0. Empty lists give empty lists and 0-d float32 zeros.
     Lists of DTensors (FSDP2) are computed on their local shards, with global reductions.
+
+    ``in_place=True`` (the PyTorch adapters' setting, whose oracles return fresh gradient tensors
+    that nothing else holds) makes the ``*_into`` methods (`ArrayOps.axpy_into` and the like)
+    compute in the buffers of their ``out`` list: a rule's combination of gradients it reads no
+    more costs no new parameter-sized buffer. Their values are those of the out-of-place methods,
+    bit for bit where the same arithmetic runs in the same order (``add``, ``sub``, ``mul``,
+    ``scale``, ``add_scalar``; ``axpy`` into ``x`` with a tensor or `PerLeaf` scalar, into ``y`` with
+    a number; ``lincomb`` into ``x`` with numbers; tested in every dtype) and otherwise within one
+    rounding (a fused multiply-add where the out-of-place kernel rounds twice, or the reverse). A
+    list of DTensors, or one holding a tensor that requires grad or of another dtype than the
+    leaves it is combined with, is computed out of place. The default, False, never writes into an
+    argument but ``axpy_``'s.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, in_place: bool = False) -> None:
         super().__init__(_XP)
+        if not isinstance(in_place, bool):
+            raise TypeError(f"`in_place` must be True or False. Received: {in_place!r}.")
+        self.in_place = in_place
         self._ones: dict[torch.device, torch.Tensor] = {}  # the unscale factor 1 of `all_finite`, per device
 
     # -- plumbing -------------------------------------------------------------------------
@@ -501,6 +636,63 @@ class TorchForeachOps(ArrayOps):
     def abs(self, x: Leaves) -> Leaves:
         return self._map(torch._foreach_abs, (x,))
 
+    # -- results in a buffer the caller gives up (`ArrayOps.*_into`) -------------------------
+    def _writes(self, out: Leaves, *others: Leaves) -> bool:
+        """Whether to compute in the tensors of `out`: `in_place`, and they are plain tensors that
+        need no grad, with the dtypes of the leaves they are combined with (no promotion). DTensor
+        lists (FSDP2) take the out-of-place path."""
+        if not self.in_place or not out or _is_dtensor(out[0]):
+            return False
+        for t in out:
+            if t.requires_grad:
+                return False
+        for other in others:
+            if other is not out and any(a.dtype is not b.dtype for a, b in zip(out, other)):
+                return False
+        return True
+
+    def add_into(self, x: Leaves, y: Leaves, *, out: Leaves) -> Leaves:
+        _check_out(out, x, y)
+        if not self._writes(out, x, y):
+            return self.add(x, y)
+        return self._map(_add_into_x, (x, y) if out is x else (y, x))
+
+    def sub_into(self, x: Leaves, y: Leaves, *, out: Leaves) -> Leaves:
+        _check_out(out, x, y)
+        if not self._writes(out, x, y):
+            return self.sub(x, y)
+        return self._map(_sub_into_x if out is x else _sub_into_y, (x, y))
+
+    def mul_into(self, x: Leaves, y: Leaves, *, out: Leaves) -> Leaves:
+        _check_out(out, x, y)
+        if not self._writes(out, x, y):
+            return self.mul(x, y)
+        return self._map(_mul_into_x, (x, y) if out is x else (y, x))
+
+    def scale_into(self, s: Scalar, x: Leaves, *, out: Leaves) -> Leaves:
+        _check_out(out, x)
+        if not self._writes(out):
+            return self.scale(s, x)
+        return self._map(_scale_, (x,), (s,))
+
+    def axpy_into(self, s: Scalar, x: Leaves, y: Leaves, *, out: Leaves) -> Leaves:
+        _check_out(out, x, y)
+        if not self._writes(out, x, y):
+            return self.axpy(s, x, y)
+        return self._map(_axpy_into_x if out is x else _axpy_into_y, (x, y), (s,))
+
+    def lincomb_into(self, a: Scalar, x: Leaves, b: Scalar, y: Leaves, *, out: Leaves) -> Leaves:
+        _check_out(out, x, y)
+        if not self._writes(out, x, y):
+            return self.lincomb(a, x, b, y)
+        return self._map(_lincomb_into_x if out is x else _lincomb_into_y, (x, y), (a, b))
+
+    def add_scalar_into(self, x: Leaves, s: Scalar, *, out: Leaves) -> Leaves:
+        _check_out(out, x)
+        if not self._writes(out):
+            return self.add_scalar(x, s)
+        return self._map(_add_scalar_, (x,), (s,))
+
     def sign(self, x: Leaves) -> Leaves:
         return self._map(_sign, (x,))
 
@@ -519,14 +711,18 @@ class TorchForeachOps(ArrayOps):
             return _dot_per_leaf(x, y)
 
         def parts(u: Leaves, v: Leaves, acc: torch.dtype) -> list[torch.Tensor]:
-            if u[0].dtype is acc:
-                products = torch._foreach_mul(u, v)
-            else:  # multiply in the accumulation dtype, as ArrayOps does
-                products = _cast(u, acc)
-                torch._foreach_mul_(products, _cast(v, acc))
-            total = _l1(products, acc)  # sum |p|
-            torch._foreach_clamp_min_(products, 0.0)
-            positive = _l1(products, acc)  # sum max(p, 0)
+            total: list[torch.Tensor] = []
+            positive: list[torch.Tensor] = []
+            for i, j in _chunks(u):  # the products are a temporary: chunks of leaves bound it
+                if u[0].dtype is acc:
+                    products = torch._foreach_mul(u[i:j], v[i:j])
+                else:  # multiply in the accumulation dtype, as ArrayOps does
+                    products = _cast(u[i:j], acc)
+                    torch._foreach_mul_(products, _cast(v[i:j], acc))
+                total.extend(_l1(products, acc))  # sum |p|
+                torch._foreach_clamp_min_(products, 0.0)
+                positive.extend(_l1(products, acc))  # sum max(p, 0)
+                del products
             return [2 * torch.stack(positive).sum() - torch.stack(total).sum()]
 
         partials = self._reduce(parts, (x, y))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -85,6 +86,14 @@ class Optimizer(torch.optim.Optimizer):
     and its state; it never holds copies of weights. ``.grad`` holds the rule's direction after
     a step (PyTorch's optimizers leave ``.grad`` alone; gradnorm writes the direction there for the
     base optimizer).
+
+    Memory: a step holds, beyond what the base optimizer holds, one copy of the weights (kept
+    between steps; the exact restore is from it) and the gradients the rule's math needs at once
+    (ALGORITHMS.md, section 0): ``sam`` none (the first gradient is released once the perturbed
+    point is formed, before the second backward), ``gnp`` and ``fd_gr`` one, ``gam`` three. The
+    gradient tensors of every pass, including what the closure's backward leaves in ``.grad``, are
+    the optimizer's: it computes the direction in their buffers. Copy them in the closure if you
+    keep them.
     """
 
     def __init__(
@@ -149,9 +158,13 @@ class Optimizer(torch.optim.Optimizer):
         # edits `param_groups` act on the optimizer that applies the update.
         self.param_groups = self.base.param_groups
         self.state = self.base.state
-        self._ops = TorchForeachOps()
+        # In place: the rule's combinations are computed in the buffers of the gradients the closure
+        # oracle returns (fresh tensors nothing else holds), never in parameters or user tensors.
+        self._ops = TorchForeachOps(in_place=True)
         self._scratch: list[torch.Tensor] | None = None
-        self._left: list[tuple[torch.Tensor, int]] | None = None  # the .grad tensors step() left, with their versions
+        # the .grad tensors step() left (weak references: the last direction must not outlive the
+        # next step's first pass, when .grad is cleared), with their versions
+        self._left: list[tuple[Any, int]] | None = None
         self._batches: list[tuple[torch.Tensor, Callable[[], Any], bool]] = []  # register_batch, since the last step
         self._backward_count: BackwardCounter | None = None
         self.last_info: dict[str, Any] = {}
@@ -210,25 +223,29 @@ class Optimizer(torch.optim.Optimizer):
             grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
         try:
             with torch.no_grad():  # the closure's passes enable grad themselves
+                # donate_grads: this list is the step's (a rule that donates the first gradient
+                # releases it here too, so nothing keeps it alive through the next pass)
                 direction, state, info = rule.update_leaves(
-                    oracle.view, self.rule_state, oracle, loss=loss, grads=grads, ops=self._ops, norms=self.info_norms
+                    oracle.view, self.rule_state, oracle, loss=loss, grads=grads, ops=self._ops, norms=self.info_norms,
+                    donate_grads=True,
                 )
         finally:
             oracle.restore()
+        del grads
         if ddp == "local":
             direction = _average_over_ranks(direction)
             info = {**info, "finite": self._ops.all_finite(direction) & torch.isfinite(info["loss"])}
         self.last_info = info
         if self._scaler is not None:
             self._scaler.update(info["finite"])
-        if self.skip_nonfinite and not bool(info["finite"]):  # keep the weights; .grad holds the first gradient
-            for p, g in zip(params, grads if grads is not None else oracle.first_grads or ()):
-                p.grad = g
+        # .grad holds the rule's direction, whether the base optimizer applies it or not (the first
+        # gradient may be gone: a rule may have donated it, or computed the direction in its buffers)
+        for p, d in zip(params, direction):
+            p.grad = d
+        if self.skip_nonfinite and not bool(info["finite"]):  # keep the weights and the state
             self._remember_grads(params)
             return info["loss"]
         self.rule_state = state
-        for p, d in zip(params, direction):
-            p.grad = d
         if self.clip_grad_norm is not None:  # on the rule's direction, what the base optimizer applies
             torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm, foreach=True)
         self.base.step()
@@ -243,7 +260,7 @@ class Optimizer(torch.optim.Optimizer):
     def _remember_grads(self, params: list[torch.Tensor]) -> None:
         """Note the gradient tensors a step leaves in ``.grad`` (and their in-place versions), to
         tell them at the next step from gradients someone else accumulated there."""
-        self._left = [(p.grad, p.grad._version) if p.grad is not None else (None, 0) for p in params]
+        self._left = [(weakref.ref(p.grad), p.grad._version) if p.grad is not None else (None, 0) for p in params]
         self._forget_batches()
 
     def _forget_batches(self) -> None:
@@ -260,7 +277,7 @@ class Optimizer(torch.optim.Optimizer):
             g = p.grad
             if g is None:
                 continue
-            if left is not None and i < len(left) and left[i][0] is g and left[i][1] == g._version:
+            if left is not None and i < len(left) and left[i][0] is not None and left[i][0]() is g and left[i][1] == g._version:
                 continue
             raise GradnormError(
                 "The parameters hold gradients that gradnorm.torch.Optimizer did not leave there (accumulated over "

@@ -22,11 +22,16 @@ class ScalerHook:
     def __init__(self, scaler: torch.amp.GradScaler):
         self.scaler = scaler
 
-    def unscale(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    def unscale(self, grads: list[torch.Tensor], *, in_place: bool = False) -> list[torch.Tensor]:
+        """`grads` times the reciprocal of the scale; `in_place`: in their own buffers (the pass's
+        fresh gradients, as ``GradScaler.unscale_`` does), so that unscaling costs no second copy."""
         scale = self.scaler._scale
         if scale is None:  # the closure did not scale (the scaler makes its scale on first use)
             return grads
         inv_scale = scale.double().reciprocal().float()
+        if in_place and not any(g.requires_grad for g in grads):
+            torch._foreach_mul_(grads, inv_scale)
+            return grads
         return list(torch._foreach_mul(grads, inv_scale))
 
     def update(self, finite: Any) -> None:
