@@ -219,6 +219,17 @@ class Diagnostics:
         return out
 
 
+def check_quantities(quantities: Any, where: str) -> tuple[str, ...]:
+    """A training-time monitor's `quantities`: a non-empty sequence of names from `QUANTITIES`,
+    returned in the order `measure` computes them."""
+    if isinstance(quantities, str) or not isinstance(quantities, Sequence) or not quantities or any(
+        q not in QUANTITIES for q in quantities
+    ):
+        raise ValueError(f"`quantities` of {where} must be a non-empty sequence of names from {QUANTITIES}. "
+                         f"Received: {describe(quantities)}.")
+    return tuple(q for q in QUANTITIES if q in quantities)
+
+
 def check_measure_options(where: str, *, hvp: Any, rho: Any, samples: Any, flatness_steps: Any,
                           iters: Any = None) -> None:
     """The options every training-time monitor (torch `Monitor`, the optax `monitor`, the Keras

@@ -641,13 +641,7 @@ class MonitorState(NamedTuple):
     diagnostics: dict[str, Any]
 
 
-def _check_quantities(quantities: Any, where: str) -> tuple[str, ...]:
-    if isinstance(quantities, str) or not isinstance(quantities, Sequence) or not quantities or any(
-        q not in QUANTITIES for q in quantities
-    ):
-        raise ValueError(f"`quantities` of {where} must be a non-empty sequence of names from {QUANTITIES}. "
-                         f"Received: {describe(quantities)}.")
-    return tuple(q for q in QUANTITIES if q in quantities)
+_check_quantities = _core.check_quantities
 
 
 def monitor(every: int, quantities: Sequence[str] = ("loss", "grad_norm", "lambda_max"), *, has_aux: bool = False,

@@ -375,13 +375,7 @@ for _fn in (hessian_eigenvalues, hessian_trace, spectral_density, measure):
 # Keras: a callback (the class is made on first use, so that importing this module does not import Keras)
 
 
-def _check_quantities(quantities: Any, where: str) -> tuple[str, ...]:
-    if isinstance(quantities, str) or not isinstance(quantities, Sequence) or not quantities or any(
-        q not in QUANTITIES for q in quantities
-    ):
-        raise ValueError(f"`quantities` of {where} must be a non-empty sequence of names from {QUANTITIES}. "
-                         f"Received: {describe(quantities)}.")
-    return tuple(q for q in QUANTITIES if q in quantities)
+_check_quantities = _core.check_quantities
 
 
 def _as_tensor(x: Any) -> Any:

@@ -663,16 +663,13 @@ class Monitor:
                  samples: int = 10, rho: float = 0.05, flatness_steps: int = 3, params: Any = None,
                  loss_form: str = "criterion", hvp: str = "exact", fd_step: float | None = None,
                  train_mode: bool = False, seed: int = 0, probes: Any = "torch"):
-        from ..diagnostics import check_measure_options
+        from ..diagnostics import check_measure_options, check_quantities
         from ..diagnostics._curvature import check_positive_int
 
         check_positive_int("every", every)
         check_measure_options("gradnorm.torch.diagnostics.Monitor", hvp=hvp, rho=rho, samples=samples,
                               flatness_steps=flatness_steps, iters=iters)
-        unknown = [q for q in quantities if q not in QUANTITIES] if not isinstance(quantities, str) else [quantities]
-        if unknown or not quantities:
-            raise ValueError(f"`quantities` must be a non-empty sequence of names from {QUANTITIES}. Received: "
-                             f"{describe(quantities)}.")
+        quantities = check_quantities(quantities, "gradnorm.torch.diagnostics.Monitor")
         if log_fn is not None and not callable(log_fn):
             raise TypeError(f"`log_fn` must be None or callable: log_fn(dict). Received: {describe(log_fn)}.")
         if not isinstance(prefix, str):
