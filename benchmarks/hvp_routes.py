@@ -80,7 +80,8 @@ def torch_routes(model_name: str, threads: int) -> tuple[dict, dict]:
         opt = gt.Optimizer(model.parameters(), torch.optim.SGD, rule=rule, lr=0.0, model=model, **hyper)
 
         def run() -> torch.Tensor:
-            model.zero_grad(set_to_none=True)
+            for p in plist:  # another route's gradients (a bare loop: model.zero_grad walks the modules)
+                p.grad = None
             return opt.step(closure)
 
         return run

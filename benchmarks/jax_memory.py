@@ -8,7 +8,8 @@ compiled for the CPU; ``compiled.memory_analysis()`` reports the temporary buffe
 besides the arguments and outputs. The extra of a rule is its temporaries minus plain SGD's, over P
 (the rule's own state, e.g. GAM has none between steps, is an argument and not counted). The
 minimum is what the math needs (ALGORITHMS.md §0): SAM 1, GNP 2, F-GR 2, GAM 4 (a gradient the
-rule holds while it computes another; XLA may fuse some away). Prints a table; no assertion.
+rule holds while it computes another; XLA may fuse some away). The peer is a hand-written jitted SAM
+(the perturbed point formed from the first gradient). Prints a table; no assertion.
 
     python benchmarks/jax_memory.py [--width 1024] [--depth 8]
 """
@@ -70,14 +71,26 @@ def main() -> None:
         compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, state).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
+    def handwritten_sam(p, s, state):
+        g = jax.grad(loss_fn)(p, x, y)
+        scale = 0.05 / (optax.global_norm(g) + 1e-12)
+        g_s = jax.grad(loss_fn)(jax.tree.map(lambda w, d: w + scale * d, p, g), x, y)
+        updates, s = opt.update(g_s, s, p)
+        return optax.apply_updates(p, updates), s, state
+
+    def peer_temporaries() -> int:
+        compiled = jax.jit(handwritten_sam, donate_argnums=(0, 1)).lower(params, opt_state, None).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
     base = temporaries("sgd")
     print(f"extra temporaries of the jitted step over SGD-momentum, units of P "
-          f"({args.depth} x {args.width}^2 float32, batch {args.batch}; XLA memory analysis, CPU)")
-    print(f"{'rule':<12}{'extra':>8}{'minimum':>9}")
+          f"({args.depth} x {args.width}^2 float32, batch {args.batch}; XLA memory analysis, CPU, jax {jax.__version__})")
+    print(f"| {'step':<20} | {'extra':>6} | {'minimum':>7} |")
+    print(f"|{'-' * 22}|{'-' * 8}|{'-' * 9}|")
     for rule in args.rules.split(","):
         extra = (temporaries(rule) - base) / nbytes
-        print(f"{rule:<12}{extra:>8.2f}{MINIMUM.get(rule, ''):>9}")
-
+        print(f"| {'gradnorm ' + rule:<20} | {extra:>6.2f} | {MINIMUM.get(rule, ''):>7} |")
+    print(f"| {'hand-written SAM':<20} | {(peer_temporaries() - base) / nbytes:>6.2f} | {MINIMUM['sam']:>7} |")
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,10 @@ for the CPU), and its tables are copied into the report as they are:
 * ``hvp``: ``hvp_routes.py``, the price of exact GR by every Hessian-vector-product route of every
   adapter, on the MLP and the CNN;
 * ``memory``: ``torch_memory.py``, the extra peak memory of the PyTorch steps in units of P;
+* ``jax-memory``: ``jax_memory.py``, the extra temporaries of the jitted JAX step (XLA's memory
+  analysis), in units of P;
+* ``tf-memory``: ``tf_memory.py``, the extra peak memory of the ``tf.function`` step (TensorFlow's
+  allocator statistics), in units of P;
 * ``compile``: ``torch_compile.py``, ``gradnorm.torch.Optimizer`` under ``torch.compile``.
 
 Every timing inside a script is interleaved (``_timing.timed_interleaved``): ratios to a floor are
@@ -41,10 +45,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-SECTIONS = ("torch", "torch-cnn", "jax", "tf", "hvp", "memory", "compile")
+SECTIONS = ("torch", "torch-cnn", "jax", "tf", "hvp", "memory", "jax-memory", "tf-memory", "compile")
 FRAMEWORKS = ("torch", "jax", "tf")
 #: the framework of each section (hvp: all of them, restricted by --frameworks)
-FRAMEWORK_OF = {"torch": "torch", "torch-cnn": "torch", "jax": "jax", "tf": "tf", "memory": "torch", "compile": "torch"}
+FRAMEWORK_OF = {"torch": "torch", "torch-cnn": "torch", "jax": "jax", "tf": "tf", "memory": "torch", "jax-memory": "jax",
+                "tf-memory": "tf", "compile": "torch"}
 TITLES = {
     "torch": "PyTorch: gradnorm.torch.Optimizer per rule, deep narrow MLP (torch_step.py)",
     "torch-cnn": "PyTorch: gradnorm.torch.Optimizer per rule, CNN with BatchNorm (torch_step.py --model cnn)",
@@ -52,6 +57,8 @@ TITLES = {
     "tf": "TensorFlow: gradnorm.tf.step per rule, tf.function (tf_step.py)",
     "hvp": "Exact GR: every Hessian-vector-product route (hvp_routes.py)",
     "memory": "PyTorch: extra peak memory over SGD-momentum (torch_memory.py)",
+    "jax-memory": "JAX: extra temporaries of the jitted step over SGD-momentum (jax_memory.py)",
+    "tf-memory": "TensorFlow: extra peak memory of the tf.function step over SGD-momentum (tf_memory.py)",
     "compile": "PyTorch: torch.compile (torch_compile.py)",
 }
 #: the adapter a step table's rows belong to, in the plot
@@ -67,10 +74,11 @@ def commands(quick: bool, threads: int) -> dict[str, list[str]]:
     if quick:
         step, hvp = ["--steps", "2", "--repeats", "1"], ["--steps", "1", "--repeats", "1"]
         memory = ["--width", "512", "--depth", "4", "--rules", "sam", "--paths", "optimizer"]
+        small = ["--width", "512", "--depth", "4", "--rules", "sam"]
         compile_ = ["--rules", "sam", "--steps", "2", "--repeats", "1"]
     else:
         step, hvp = ["--steps", "20", "--repeats", "7"], ["--steps", "4", "--repeats", "7"]
-        memory, compile_ = [], []
+        memory, small, compile_ = [], [], []
     cnn_step = ["--steps", "1", "--repeats", "1"] if quick else ["--steps", "3", "--repeats", "7"]
     return {
         "torch": ["torch_step.py", *step, *t],
@@ -79,6 +87,8 @@ def commands(quick: bool, threads: int) -> dict[str, list[str]]:
         "tf": ["tf_step.py", *step, *t],
         "hvp": ["hvp_routes.py", *hvp, *t],
         "memory": ["torch_memory.py", *memory],
+        "jax-memory": ["jax_memory.py", *small],
+        "tf-memory": ["tf_memory.py", *small],
         "compile": ["torch_compile.py", *compile_, "--threads", str(threads or 1)],
     }
 

@@ -79,8 +79,12 @@ def main() -> None:
     def gradnorm_step(opt):
         def run():
             # the optimizers share the model: another's gradients in .grad are not this one's, and
-            # step(closure) refuses gradients it did not leave there (accumulated micro-batches)
-            model.zero_grad(set_to_none=True)
+            # step(closure) refuses gradients it did not leave there (accumulated micro-batches).
+            # Dropped with a bare loop: `model.zero_grad()` walks the module tree (0.36 ms on the
+            # 81-module MLP, 13% of a gradient), a cost a training loop does not have on top of
+            # the closure's own zero_grad, which the floor includes.
+            for p in params:
+                p.grad = None
             return opt.step(closure)
 
         return run

@@ -432,6 +432,21 @@ class ArrayOps:
             return branch(true_fn, false_fn)
         return true_fn() if bool(pred) else false_fn()
 
+    def fraction_below(self, x: Leaves, tol: Any) -> Any:
+        """The fraction of all entries with ``|x| < tol`` (0-d, in the accumulation dtype); NaN and
+        infinities never count. `tol` is a number or a 0-d array; the comparison is in each leaf's
+        dtype (a 0-d array is cast to it first), as ``|x| < tol`` would be."""
+        xp = self.xp
+        count = None
+        for a in x:
+            t = tol if isinstance(tol, (int, float)) else xp.astype(tol, a.dtype)
+            part = xp.count_nonzero(xp.abs(a) < t)
+            count = part if count is None else count + part
+        if count is None:
+            return xp.zeros((), dtype=xp.float32)
+        size = sum(math.prod(a.shape) for a in x)
+        return xp.astype(count, self.acc_dtype(x)) / max(size, 1)
+
     def all_finite(self, x: Leaves) -> Any:
         """Whether every entry of every leaf is finite (a 0-d boolean array). Unlike a norm,
         it cannot overflow."""

@@ -284,3 +284,54 @@ def test_donate_must_be_leaf_lists_and_never_releases_the_parameters():
     oracle = Keeping(gradnorm.ArrayOps(np))
     oracle.value_and_grad_along(params, 0.1, [np.ones(3)], donate=(params,))
     assert params[0] is not None
+
+
+# -- JAX: XLA's compiled memory analysis (deterministic; no run, no timing) ---------------------
+# The minimum extra of a rule over plain SGD (ALGORITHMS.md section 0): the parameter-sized
+# arrays its math holds at once besides the gradient. XLA may fuse some away (SAM's point is
+# formed while the first gradient dies), never need more.
+JAX_MINIMUM = {"sam": 1.0, "gnp": 2.0, "fd_gr": 2.0, "gam": 4.0}
+
+
+@pytest.mark.parametrize("rule", list(JAX_MINIMUM))
+def test_jitted_jax_step_needs_no_more_temporaries_than_the_math(rule):
+    """A jitted gradnorm.jax.step + optax SGD-momentum step allocates at most the rule's minimum
+    (+ 0.1 P) of temporaries more than the plain SGD step, on a wide MLP whose weights are 1 M
+    entries each (a global reduction over the concatenated leaves once cost a whole P here)."""
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    import jax.numpy as jnp
+
+    import gradnorm.jax as gj
+
+    width, depth = 1024, 4
+    keys = jax.random.split(jax.random.key(0), depth + 2)
+    params = [{"w": jax.random.normal(keys[i], (width, width)) / width**0.5, "b": jnp.zeros(width)}
+              for i in range(depth)]
+    x, y = jax.random.normal(keys[-2], (4, width)), jax.random.normal(keys[-1], (4, width))
+    nbytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(params))
+
+    def loss_fn(p, x, y):
+        h = x
+        for layer in p:
+            h = jnp.tanh(h @ layer["w"] + layer["b"])
+        return jnp.mean((h - y) ** 2)
+
+    opt = optax.sgd(1e-4, momentum=0.9)
+    opt_state = opt.init(params)
+
+    def plain(p, s):
+        updates, s = opt.update(jax.grad(loss_fn)(p, x, y), s, p)
+        return optax.apply_updates(p, updates), s
+
+    def regularized(p, s):
+        res = gj.step(p, loss_fn, x, y, rule=rule, **HYPER[rule])
+        updates, s = opt.update(res.grad, s, p)
+        return optax.apply_updates(p, updates), s
+
+    def temporaries(fn):
+        compiled = jax.jit(fn, donate_argnums=(0, 1)).lower(params, opt_state).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    extra = (temporaries(regularized) - temporaries(plain)) / nbytes
+    assert extra <= JAX_MINIMUM[rule] + 0.1, f"{rule}: {extra:.2f} P of extra temporaries"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import array_api_compat
@@ -31,15 +30,9 @@ def coherence(grads: list[Any], regularized: list[Any], grad_norm: Any, norm_eps
 
 def fraction_below(params: list[Any], tol: Any, ops) -> Any:
     """The fraction of all entries with $|\\theta| <$ `tol` (0-d, in the accumulation dtype): the
-    paper's "compression", reported as `info["sparsity"]`. `tol` is a number or a 0-d array."""
-    xp = ops.xp
-    count = None
-    for a in params:
-        t = tol if isinstance(tol, (int, float)) else xp.astype(tol, a.dtype)
-        part = xp.count_nonzero(xp.abs(a) < t)
-        count = part if count is None else count + part
-    size = sum(math.prod(a.shape) for a in params)
-    return xp.astype(count, ops.acc_dtype(params)) / max(size, 1)
+    paper's "compression", reported as `info["sparsity"]`. `tol` is a number or a 0-d array.
+    Counted by `ops.fraction_below` (an adapter's ops count in few fused passes)."""
+    return ops.fraction_below(params, tol)
 
 
 class Coherent(Rule):

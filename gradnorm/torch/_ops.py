@@ -740,6 +740,31 @@ class TorchForeachOps(ArrayOps):
             return self._zero()
         return torch.sqrt(self._sum_of_squares(x))
 
+    def fraction_below(self, x: Leaves, tol: Any) -> Any:
+        """`ArrayOps.fraction_below` with few dispatches: the leaves of each dtype are concatenated
+        (in chunks of the temporary budget) and counted in one pass, instead of three small
+        operations per leaf (on a CPU, 0.28 against 0.64 ms for 82 leaves of 4096 entries)."""
+        if not x or _is_dtensor(x[0]) or _compiling():
+            return super().fraction_below(x, tol)
+        with torch.no_grad():  # a count: nothing to differentiate (parameters require grad)
+            return self._fraction_below(x, tol)
+
+    def _fraction_below(self, x: Leaves, tol: Any) -> torch.Tensor:
+        groups = _groups(x) or [list(range(len(x)))]
+        count: torch.Tensor | None = None
+        for idx in groups:
+            leaves = [x[i] for i in idx]
+            t = tol if isinstance(tol, (int, float)) else tol.to(leaves[0].dtype)
+            for i, j in _chunks(leaves):
+                if j - i > 1:  # a new buffer: its absolute values in place
+                    magnitude = torch.cat([a.reshape(-1) for a in leaves[i:j]]).abs_()
+                else:
+                    magnitude = leaves[i].abs()
+                part = torch.count_nonzero(magnitude < t)
+                count = part if count is None else count + part
+        size = sum(a.numel() for a in x)
+        return count.to(self.acc_dtype(x)) / max(size, 1)
+
     def all_finite(self, x: Leaves) -> Any:
         """Whether every entry is finite, in one fused pass per dtype: PyTorch's own inf/nan check
         for gradient lists (the kernel `GradScaler.unscale_` runs), with an unscale factor of
