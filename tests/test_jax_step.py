@@ -477,3 +477,26 @@ def test_local_and_global_policies_over_a_named_axis(rule, hyper):
         np.testing.assert_allclose(local.loss, full.info["loss"], rtol=1e-12)
         np.testing.assert_allclose(glob.info["grad_norm"], full.info["grad_norm"], rtol=1e-12)
         assert np.abs(mean - full.direction).max() > 1e-4  # the two policies differ here
+
+
+def test_jax_ops_fraction_below_matches_a_numpy_count():
+    """JaxOps counts |x| < tol over concatenated chunks (several when the leaves exceed the chunk
+    budget): the same as NumPy per leaf, in the leaves' dtype, with |x| == tol, NaN and inf not
+    below; mixed dtypes take the per-leaf path."""
+    from gradnorm.jax._ops import _MIN_CHUNK, JaxOps
+
+    ops = JaxOps()
+    rng = np.random.default_rng(0)
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        t = jnp.asarray(1e-3, dtype)
+        below = jnp.nextafter(t, jnp.zeros_like(t))
+        special = jnp.stack([t, -t, below, -below, jnp.nan, jnp.inf, -jnp.inf, 0.0]).astype(dtype)
+        many = [jnp.asarray(rng.normal(scale=2e-3, size=(_MIN_CHUNK // 3,)), dtype) for _ in range(7)]
+        for leaves in ([special], [special, *many]):
+            want = sum(int(np.count_nonzero(np.abs(np.asarray(a, np.float64)) < float(t))) for a in leaves)
+            want /= sum(a.size for a in leaves)
+            for tol in (1e-3, jnp.asarray(1e-3)):
+                got = ops.fraction_below(leaves, tol)
+                assert got.dtype == jnp.float32 and float(got) == pytest.approx(want, rel=1e-6, abs=0.0)
+    mixed = [jnp.asarray([0.0, 1.0], jnp.float32), jnp.asarray([0.5, 0.0, 2.0], jnp.bfloat16)]
+    assert float(ops.fraction_below(mixed, 0.75)) == pytest.approx(3 / 5)

@@ -71,6 +71,17 @@ class JaxOps(ArrayOps):
             return traced_cond(pred, like)(true_fn, false_fn)
         return true_fn() if bool(pred) else false_fn()
 
+    def fraction_below(self, x: list[Any], tol: Any) -> Any:
+        """`ArrayOps.fraction_below` over the chunks of `_flat` (one count per chunk, not three small
+        kernels per leaf) when every leaf has one dtype, so that the comparison stays in it."""
+        if not x or any(leaf.dtype != x[0].dtype for leaf in x):
+            return super().fraction_below(x, tol)
+        dtype = x[0].dtype
+        t = tol if isinstance(tol, (int, float)) else jnp.asarray(tol).astype(dtype)
+        counts = [jnp.count_nonzero(jnp.abs(chunk) < t) for chunk in self._flat(x, dtype)]
+        count = counts[0] if len(counts) == 1 else sum(counts[1:], counts[0])
+        return count.astype(self._acc_dtype(x)) / max(sum(leaf.size for leaf in x), 1)
+
     def all_finite(self, x: list[Any]) -> Any:
         if not x:
             return jnp.asarray(True)
