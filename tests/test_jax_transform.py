@@ -5,6 +5,8 @@ MultiSteps / apply_if_finite), agreement with optax.contrib.sam, clear errors.""
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import functools
 
@@ -222,16 +224,21 @@ def test_inside_optax_chain_with_clipping():
         np.testing.assert_allclose(flat(updates), want, rtol=1e-12)
 
 
-def test_inside_multisteps_the_accumulated_gradient_is_perturbed():
+@pytest.mark.parametrize("multi_steps", ["optax", "gradnorm"])
+def test_inside_multisteps_the_accumulated_gradient_is_perturbed(multi_steps):
     """MultiSteps(k=2): the first call emits zeros; the second runs the rule on the mean of the
-    two micro-batch gradients, with the extra gradient from the loss_fn of that (last) call."""
-    with x64():
+    two micro-batch gradients, with the extra gradient from the loss_fn of that (last) call. The
+    same in optax.MultiSteps (which warns: it pays the rule's extra pass at every micro-step) and
+    in gradnorm.jax.MultiSteps (which pays it on the emitting micro-step only)."""
+    wrapper = optax.MultiSteps if multi_steps == "optax" else gj.MultiSteps
+    expect = pytest.warns(gj.ChainOrderWarning, match="MultiSteps") if multi_steps == "optax" else contextlib.nullcontext()
+    with x64(), expect:
         data = PROBLEMS["mlp"].data
         halves = [{k: v[:16] for k, v in data.items()}, {k: v[16:] for k, v in data.items()}]
         losses = [mlp(data=h)[0] for h in halves]
         _, params = mlp()
         rho, lr = 0.1, 0.5
-        tx = optax.MultiSteps(gj.transform(optax.sgd(lr), rule="sam", rho=rho), every_k_schedule=2,
+        tx = wrapper(gj.transform(optax.sgd(lr), rule="sam", rho=rho), every_k_schedule=2,
                               accumulator_dtype=jnp.float64)  # (MultiSteps accumulates in float32 by default)
 
         @jax.jit

@@ -5,6 +5,10 @@ device mesh with a choice of perturbation policy.
 * ``step(params, loss_fn, *args, rule=..., **hyperparameters) -> gradnorm.StepResult``
 * ``transform(base, rule=..., **hyperparameters) -> optax.GradientTransformationExtraArgs``
 * ``data_parallel_step(params, loss_fn, *args, mesh=..., rule=..., perturbation="local")``
+* ``MultiSteps(transform(...), every_k_schedule=k)``: ``optax.MultiSteps`` that runs the rule on
+  the emitting micro-step only (``ChainOrderWarning``: a transform placed where it cannot act)
+* ``gradnorm.jax.nnx.Optimizer(model, base, rule=..., **hyperparameters)``: ``flax.nnx.Optimizer``
+  whose ``update(model, loss_fn=...)`` takes a loss of the model (imported on first use)
 * ``gradnorm.jax.diagnostics``: Hessian eigenvalues, trace, spectral density and flatness measures
   of a loss function (jit-able), and ``diagnostics.monitor(every)``, an optax transformation that
   logs them during training (imported on first use)
@@ -30,15 +34,18 @@ from .._errors import ClosureError
 from .._oracle import PERTURBATIONS
 from ._common import JaxOracle
 from ._ops import JaxOps
+from ._optax import ChainOrderWarning, MultiSteps
 from ._parallel import data_parallel_step
 from ._step import step
 from ._transform import TransformState, transform
 
 __all__ = [
     "PERTURBATIONS",
+    "ChainOrderWarning",
     "ClosureError",
     "JaxOps",
     "JaxOracle",
+    "MultiSteps",
     "TransformState",
     "data_parallel_step",
     "diagnostics",
@@ -48,8 +55,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "diagnostics":  # the flatness diagnostics, imported on first use
+    if name in ("diagnostics", "nnx"):  # the flatness diagnostics and the flax nnx optimizer, imported on first use
         import importlib
 
-        return importlib.import_module(f"{__name__}.diagnostics")
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,6 +27,7 @@ from ._common import (
     rule_for_leaves,
 )
 from ._ops import JaxOps
+from ._optax import check_position
 
 __all__ = ["TransformState", "transform"]
 
@@ -187,7 +188,12 @@ def transform(
     ``update(updates, state, params, *, loss_fn=None, value=None, **extra_args)``:
 
     * ``updates``: the gradient at ``params`` (what ``jax.value_and_grad`` of the batch loss
-      gave you); it is the rule's first gradient evaluation, never recomputed.
+      gave you); it is the rule's first gradient evaluation, never recomputed. It must be the
+      raw gradient: a clip (or any transformation) in front of the transform in ``optax.chain``
+      does not reach the rule's own gradients and has no effect on ``sam``; ``ChainOrderWarning``
+      says so. Clip the rule's direction instead, in ``base``:
+      ``transform(optax.chain(optax.clip_by_global_norm(c), optax.sgd(lr)), rule=...)``. For
+      gradient accumulation use ``gradnorm.jax.MultiSteps`` (the rule on the emitting micro-step only).
     * ``params``: required (the rule perturbs them).
     * ``loss_fn``: ``loss_fn(params) -> loss`` (or ``(loss, aux)`` with ``has_aux=True``; the aux
       of those passes is dropped) for the current batch: the rule evaluates its gradient at the
@@ -276,6 +282,8 @@ def transform(
         rule_here = rule_for_leaves(rule_obj, treedef, len(leaves))
         grads = _gradient_leaves(updates, treedef, leaves)
         extra_points = rule_here.grad_evals - 1 + rule_here.hvp_evals
+        if extra_points > 0:
+            check_position(rule_here.name)  # a clip in front of it in optax.chain, or optax.MultiSteps: warn
         if loss_fn is None and extra_points > 0:
             raise TypeError(
                 f"Rule '{rule_here.name}' evaluates the gradient at {extra_points} more point(s) per step: pass "
