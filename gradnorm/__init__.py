@@ -17,7 +17,7 @@ Importing gradnorm imports no deep-learning framework; the framework adapters
 
 from __future__ import annotations
 
-from . import diagnostics, rules
+from . import diagnostics, rules, schedules
 from ._errors import (
     ClosureError,
     GradnormError,
@@ -58,6 +58,7 @@ __all__ = [
     "flood",
     "iflood",
     "rules",
+    "schedules",
     "step",
 ]
 

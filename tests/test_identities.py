@@ -175,8 +175,11 @@ def zero_strength_configs(zero: st.SearchStrategy) -> dict[str, st.SearchStrateg
     ``zero``; the other hyperparameters are random."""
     configs = {
         "sam": st.fixed_dictionaries({"rho": zero, "adaptive": st.booleans(), "eta": unit}),
-        "gnp(alpha=0)": st.fixed_dictionaries({"r": positive, "alpha": zero}),
-        "gnp(r=0)": st.fixed_dictionaries({"r": zero, "alpha": st.floats(1e-3, 2.0)}),
+        # with or without the official code's unit-gradient mix: r = 0 or alpha = 0 is g (issue 17)
+        "gnp(alpha=0)": st.fixed_dictionaries({"r": positive, "alpha": zero, "mix_unit_gradient": st.booleans()}),
+        "gnp(r=0)": st.fixed_dictionaries(
+            {"r": zero, "alpha": st.floats(1e-3, 2.0), "mix_unit_gradient": st.booleans()}
+        ),
         "coherent": st.fixed_dictionaries(
             {
                 "lam": zero,
@@ -223,7 +226,7 @@ def zero_strength_configs(zero: st.SearchStrategy) -> dict[str, st.SearchStrateg
 
 
 STATIC_ZERO = st.sampled_from([0, 0.0, -0.0])  # the Python number 0
-ARRAY_ZERO = st.builds(lambda: np.asarray(0.0))  # a 0-d array: the arithmetic path
+ARRAY_ZERO = st.builds(lambda: np.asarray(0.0))  # a 0-d array: compared with 0 at run time
 STATIC_CONFIGS = zero_strength_configs(STATIC_ZERO)
 ARRAY_CONFIGS = zero_strength_configs(ARRAY_ZERO)
 
@@ -267,10 +270,15 @@ def test_zero_strength_array_is_sgd(case, problem, data):
     expected = problem.vec(run(problem, "sgd").grad)
     res = run(problem, rule, **hyper)
     np.testing.assert_allclose(problem.vec(res.grad), expected, rtol=1e-12, atol=0.0)
+    if rule in ("sam", "gnp", "fd_gr", "gam", "looksam", "periodic"):
+        # these compare a 0-d array strength with 0 at run time and skip their extra passes (a
+        # "zero until step w" schedule costs one evaluation per step, issue 17); each declares its most
+        assert np.array_equal(problem.vec(res.grad), expected)
+        assert res.info["grad_evals"] == 1
+        assert gradnorm.rules.get(rule, **hyper).grad_evals > 1
+        return
     # a 0-d array is not static: the rule took its arithmetic path (its full cost)
     assert res.info["grad_evals"] == gradnorm.rules.get(rule, **hyper).grad_evals
-    if rule in ("sam", "gnp", "fd_gr", "gam"):
-        assert res.info["grad_evals"] > 1
     if rule == "gr":
         assert res.info["hvp_evals"] == 1
 

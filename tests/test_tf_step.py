@@ -378,7 +378,10 @@ def test_moving_stats_come_from_the_first_pass_only():
 
 def test_random_state_replays_the_first_pass_masks():
     x = tf.constant(MLP.data["X"], tf.float32)
-    zero = tf.constant(0.0)  # a dynamic zero radius: the perturbed point is the weights themselves
+    # a radius so small that the perturbed point is the weights themselves (to float32 rounding; biases
+    # that are 0 move by 1e-30), so the two passes differ by their dropout masks only. (A zero radius,
+    # even as a tensor, skips the second pass.)
+    tiny = tf.constant(1e-30)
 
     def loss_of(model):
         return lambda: tf.reduce_mean(tf.square(model(x, training=True)))
@@ -391,11 +394,11 @@ def test_random_state_replays_the_first_pass_masks():
     model = _bn_model()
     seeds = [v for v in model.non_trainable_variables if "int" in str(v.dtype)]
     assert seeds  # the Dropout layer's SeedGenerator state
-    same = gt.step(model.trainable_variables, loss_of(model), rule="sam", rho=zero, random_state=seeds)
+    same = gt.step(model.trainable_variables, loss_of(model), rule="sam", rho=tiny, random_state=seeds)
     assert_close_lists(same.grad, [g.numpy() for g in first], rtol=1e-6, atol=1e-7)
 
     model = _bn_model()
-    fresh = gt.step(model.trainable_variables, loss_of(model), rule="sam", rho=zero)  # new masks in pass 2
+    fresh = gt.step(model.trainable_variables, loss_of(model), rule="sam", rho=tiny)  # new masks in pass 2
     assert not np.allclose(fresh.grad[0].numpy(), first[0].numpy(), rtol=1e-3)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ._base import Hyperparameter, Rule, choice, flag, is_static_zero, real
+from ._skip import any_zero, dynamic, unless_off
 
 __all__ = ["FDGR"]
 
@@ -25,7 +28,8 @@ class FDGR(Rule):
     and $d = g + \gamma\,(Hg \text{ estimate})$. On a quadratic loss all three equal
     `gr` exactly, for any step. With `gamma == eps` (forward, not normalized) the direction
     is $\nabla L(\theta + \varepsilon g)$, an un-normalized SAM step. Cost: 2 gradient
-    evaluations (central: 3); `gamma = 0` returns $g$ after one.
+    evaluations (central: 3); `gamma = 0` returns $g$ after one (a 0-d array `gamma` too, at the steps
+    where it is 0: ``info["grad_evals"]`` is 1 there).
 
     References:
         Karakida, Takase, Hayase, Osawa. [Understanding Gradient Regularization in Deep
@@ -61,7 +65,23 @@ class FDGR(Rule):
         if is_static_zero(self.gamma):
             return grads, state, {"step_size": self.eps}
         step = self.eps / (grad_norm + self.norm_eps) if self.normalize else self.eps
-        info = {"step_size": step}
+        if not dynamic(self.gamma):
+            direction, info = self._difference(params, grads, step, oracle, ops)
+            return direction, state, {"step_size": step, **info}
+
+        # a 0-d array gamma: the plain gradient, after one evaluation, at a step where it is 0
+        losses = {"forward": ("ascent_loss",), "backward": ("descent_loss",)}.get(
+            self.difference, ("ascent_loss", "descent_loss"))
+        direction, info = unless_off(
+            any_zero(ops.xp, [self.gamma]), grads, oracle, ops,
+            lambda g, donate: self._difference(params, g, step, oracle, ops),
+            {k: loss for k in losses}, {k: loss.dtype for k in losses},
+        )
+        return direction, state, {"step_size": step, **info}
+
+    def _difference(self, params, grads, step, oracle, ops) -> tuple[list[Any], dict[str, Any]]:
+        """The direction from the finite difference and the losses at its points."""
+        info: dict[str, Any] = {}
         # Memory: the difference and then the direction are computed in the buffer of the oracle's
         # last answer (read no more), so a step holds g, the perturbed gradient(s) and the oracle's
         # copy of the weights, and nothing else.
@@ -76,4 +96,4 @@ class FDGR(Rule):
             info["descent_loss"], g_minus = oracle.value_and_grad_along(params, -step, grads)
             difference, denominator = ops.sub_into(g_plus, g_minus, out=g_plus), 2.0 * step
             del g_minus
-        return ops.axpy_into(self.gamma / denominator, difference, grads, out=difference), state, info
+        return ops.axpy_into(self.gamma / denominator, difference, grads, out=difference), info

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._base import Hyperparameter, Rule, choice, flag, is_static_zero, real
+from ._skip import all_zero, dynamic, unless_off
 
 __all__ = ["GAM"]
 
@@ -33,7 +34,8 @@ class GAM(Rule):
     `grad_beta_1` = $\alpha$ in the paper). Defaults are the code's defaults
     (CIFAR-100, ResNet): `grad_rho=0.02, grad_norm_rho=0.2, grad_beta_0=0.5,
     grad_beta_1=0.6, grad_gamma=0.03`. With `grad_rho = grad_norm_rho = 0` all four points
-    coincide and the rule returns $g$ after one evaluation.
+    coincide and the rule returns $g$ after one evaluation (0-d array radii too, at the steps where
+    both are 0: ``info["grad_evals"]`` is 1 there).
 
     References:
         Zhang, Xu, Yu, Zou, Cui. [Gradient Norm Aware Minimization Seeks First-Order Flatness
@@ -82,6 +84,22 @@ class GAM(Rule):
     def compute_direction(self, params, grads, loss, grad_norm, state, oracle, ops):
         if self._identity():
             return grads, state, {}
+        radii = (self.grad_rho, self.grad_norm_rho)
+        if not all(dynamic(v) or is_static_zero(v) for v in radii):  # a radius that is a nonzero number
+            direction, info = self._passes(params, grads, grad_norm, oracle, ops)
+            return direction, state, info
+        # 0-d array radii: the plain gradient, after one evaluation, at a step where both are 0
+        losses = ("perturbed_loss", "norm_ascent_loss", "norm_ascent_perturbed_loss")
+        plain = {**{k: loss for k in losses}, "cosine": ops.xp.zeros((), dtype=ops.acc_dtype(grads))}
+        dtypes = {**{k: loss.dtype for k in losses}, "cosine": ops.acc_dtype(grads)}
+        direction, info = unless_off(
+            all_zero(ops.xp, [v for v in radii if dynamic(v)]), grads, oracle, ops,
+            lambda g, donate: self._passes(params, g, grad_norm, oracle, ops), plain, dtypes,
+        )
+        return direction, state, info
+
+    def _passes(self, params, grads, grad_norm, oracle, ops) -> tuple[list[Any], dict[str, Any]]:
+        """The accelerated GAM direction from the four gradients, and the losses and cosine of `info`."""
         # Memory: every combination is computed in the buffer of a list the rule reads no more (the
         # oracle's answers, earlier results: `ops.*_into`), and the base of the last point is donated
         # to the oracle once that point is formed. At its peak (the fourth pass) a step holds g0, g1,
@@ -115,4 +133,4 @@ class GAM(Rule):
         perp = ops.axpy_into(-cosine * n_minus / (n_plus + eps), h_plus, h_minus, out=h_minus)
         direction = ops.axpy_into(-self.grad_gamma, perp, h_plus, out=h_plus)
         info = {"perturbed_loss": loss1, "norm_ascent_loss": loss2, "norm_ascent_perturbed_loss": loss3, "cosine": cosine}
-        return direction, state, info
+        return direction, info

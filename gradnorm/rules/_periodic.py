@@ -178,8 +178,13 @@ class _PeriodicRule(Rule):
         if self._trivial():  # zero strength: the plain gradient at every step
             return grads, PeriodicState(state.inner, new_step, state.reuse), {"full_step": full, "grad_evals": 0}
         if self._every == 1:  # every step is full: the wrapped rule, bit for bit
-            direction, inner_state, _ = inner.compute_direction(params, grads, loss, grad_norm, state.inner, oracle, ops)
-            return direction, PeriodicState(inner_state, new_step, state.reuse), {"full_step": full}
+            direction, inner_state, inner_info = inner.compute_direction(
+                params, grads, loss, grad_norm, state.inner, oracle, ops
+            )
+            info = {"full_step": full}
+            if "grad_evals" in inner_info:  # a wrapped rule of varying cost (a 0-d array strength at 0)
+                info["grad_evals"] = inner_info["grad_evals"]
+            return direction, PeriodicState(inner_state, new_step, state.reuse), info
         reusing = self._reusing()
         # Both branches traced (jax.jit, tf.function) share `grads`, and the reuse reads it after the
         # wrapped rule: then that rule gets its own list, whose elements it may release (donate to the
@@ -191,29 +196,33 @@ class _PeriodicRule(Rule):
             oracle.prepare_traced_branches()
         before = oracle.grad_evals
         ran: list[bool] = []
+        reported: list[Any] = []  # what the wrapped rule reported it spent (a rule of varying cost)
 
-        def full_step() -> tuple[list[Any], Any, list[Any]]:
+        def full_step() -> tuple[Any, ...]:
             ran.append(True)
             norm = ops.norm(grads) if grad_norm is None and inner.uses_grad_norm else grad_norm
-            direction, inner_state, _ = inner.compute_direction(
+            direction, inner_state, inner_info = inner.compute_direction(
                 params, list(grads) if keep_grads else grads, loss, norm, state.inner, oracle, ops
             )
             kept = self._unit_orthogonal_part(direction, grads, ops) if reusing else state.reuse
+            spent = inner_info.get("grad_evals", oracle.grad_evals - before)
+            if traced:  # a value of this branch: an output of the conditional
+                return direction, inner_state, kept, xp.astype(xp.asarray(spent), xp.int32)
+            reported.append(spent)
             return direction, inner_state, kept
 
-        def other_step() -> tuple[list[Any], Any, list[Any]]:
+        def other_step() -> tuple[Any, ...]:
             ran.append(False)
             direction = self._with_reuse(grads, grad_norm, state.reuse, ops) if reusing else grads
+            if traced:
+                return direction, state.inner, state.reuse, xp.astype(xp.asarray(0), xp.int32)
             return direction, state.inner, state.reuse
 
-        direction, inner_state, kept = ops.cond(full, full_step, other_step, like=grads)
-        spent = oracle.grad_evals - before  # the full step's evaluations (counted where it was traced)
-        if ran == [True]:
-            spent_now: Any = spent
-        elif ran == [False]:
-            spent_now = 0
-        else:  # both branches traced (jax.jit, tf.function): what runs depends on the predicate
-            spent_now = xp.astype(full, xp.int32) * spent
+        if traced:  # both branches traced (jax.jit, tf.function): what ran depends on the predicate
+            direction, inner_state, kept, spent_now = ops.cond(full, full_step, other_step, like=grads)
+        else:
+            direction, inner_state, kept = ops.cond(full, full_step, other_step, like=grads)
+            spent_now = reported[0] if ran == [True] else 0
         info = {"full_step": full, "grad_evals": spent_now}
         return direction, PeriodicState(inner_state, new_step, kept), info
 

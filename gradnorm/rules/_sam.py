@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._base import Hyperparameter, Rule, flag, is_static_zero, real
+from ._skip import any_zero, dynamic, unless_off
 
 __all__ = ["SAM", "ascent_step"]
 
@@ -31,15 +32,17 @@ class SAM(Rule):
     Adaptive (ASAM): with $T = |\theta| + \eta$ elementwise,
     $e = \rho\, T^2 \odot g / (\lVert T \odot g\rVert + \epsilon)$.
 
-    Two gradient evaluations on the same minibatch; `rho = 0` returns $g$ after one.
+    Two gradient evaluations on the same minibatch; `rho = 0` returns $g$ after one (a 0-d array
+    `rho`, a schedule's value, is compared with 0 at every step: ``info["grad_evals"]`` is 1 where
+    it is 0).
     The norm is global over all leaves and $\epsilon$ (`norm_eps`) is added outside the
     square root, as in the PyTorch reference code (davda54/sam, pytorch_optimizer).
 
     References:
         Foret, Kleiner, Mobahi, Neyshabur. [Sharpness-Aware Minimization for Efficiently
         Improving Generalization](https://arxiv.org/abs/2010.01412), ICLR 2021.
-        Kwon, Kim, Park, Choi. [ASAM: Adaptive Sharpness-Aware Minimization
-](https://arxiv.org/abs/2102.11600), ICML 2021.
+        Kwon, Kim, Park, Choi. [ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant
+        Learning of Deep Neural Networks](https://arxiv.org/abs/2102.11600), ICML 2021.
 
     A zero gradient never gives NaN, in any dtype: `norm_eps` keeps the step finite in the
     accumulation dtype (float32 at least), and the step saturates at the largest finite value of a
@@ -73,6 +76,21 @@ class SAM(Rule):
     def compute_direction(self, params, grads, loss, grad_norm, state, oracle, ops):
         if is_static_zero(self.rho):
             return grads, state, {"perturbed_loss": loss}
+        if not dynamic(self.rho):
+            direction, perturbed_loss = self._perturbed(params, grads, grad_norm, oracle, ops, donate=True)
+            return direction, state, {"perturbed_loss": perturbed_loss}
+
+        # a 0-d array rho: the plain gradient, after one evaluation, at a step where it is 0
+        def perturbed(g: list[Any], donate: bool) -> tuple[list[Any], dict[str, Any]]:
+            direction, perturbed_loss = self._perturbed(params, g, grad_norm, oracle, ops, donate=donate)
+            return direction, {"perturbed_loss": perturbed_loss}
+
+        direction, info = unless_off(any_zero(ops.xp, [self.rho]), grads, oracle, ops, perturbed,
+                                     {"perturbed_loss": loss}, {"perturbed_loss": loss.dtype})
+        return direction, state, info
+
+    def _perturbed(self, params, grads, grad_norm, oracle, ops, *, donate: bool) -> tuple[list[Any], Any]:
+        """The gradient at the ascent point and the loss there. `donate`: `grads` is read no more."""
         # Memory: g is dead once the weights hold theta + e, so it is donated to the oracle, which
         # releases it before the second pass; the perturbed gradient takes its place (the extra
         # memory of a step is the oracle's copy of the weights, nothing else).
@@ -84,8 +102,12 @@ class SAM(Rule):
             step = ascent_step(ops.norm(tg), self.rho, self.norm_eps)
             v = ops.mul_into(t, tg, out=tg)  # T * (T * g)
             del t, tg
-            perturbed_loss, perturbed_grads = oracle.value_and_grad_along(params, step, v, donate=(grads, v))
+            perturbed_loss, perturbed_grads = oracle.value_and_grad_along(
+                params, step, v, donate=(grads, v) if donate else (v,)
+            )
         else:
             step = ascent_step(grad_norm, self.rho, self.norm_eps)
-            perturbed_loss, perturbed_grads = oracle.value_and_grad_along(params, step, grads, donate=(grads,))
-        return perturbed_grads, state, {"perturbed_loss": perturbed_loss}
+            perturbed_loss, perturbed_grads = oracle.value_and_grad_along(
+                params, step, grads, donate=(grads,) if donate else ()
+            )
+        return perturbed_grads, perturbed_loss

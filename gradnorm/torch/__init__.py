@@ -25,6 +25,7 @@ from ._functional import step
 from ._ops import TorchForeachOps
 from ._optimizer import Optimizer
 from ._passes import current_pass, is_extra_pass
+from ._schedule import RuleScheduler
 
 __all__ = [
     "ClosureError",
@@ -32,6 +33,7 @@ __all__ = [
     "HVP_MODES",
     "Optimizer",
     "PERTURBATIONS",
+    "RuleScheduler",
     "TorchForeachOps",
     "accumulating_closure",
     "current_pass",

@@ -18,6 +18,7 @@ import torch
 from .. import rules as _rules
 from .._errors import HyperparameterError
 from .._tree import PerLeaf
+from ..rules._base import describe_spec
 
 __all__ = ["GroupRules", "rule_class", "check_base_kwargs", "same_value"]
 
@@ -92,6 +93,27 @@ class GroupRules:
                     f"{group[name]!r}, the optimizer {self.rule.config[name]!r}. Per-group values are accepted for: "
                     f"{', '.join(self.leafwise) or 'none of its hyperparameters'}."
                 )
+
+    def set_hyperparameters(self, param_groups: list[dict[str, Any]], values: dict[str, Any]) -> _rules.Rule:
+        """Set rule hyperparameters between steps: a per-group (leafwise) name in every group, any other
+        in the rule itself. Everything is validated first and nothing changes on an error. Returns
+        the rule with the new fixed values (the optimizer's `rule`)."""
+        names = {h.name for h in type(self.rule).spec()}
+        unknown = sorted(k for k in values if k not in names)
+        if unknown:
+            raise HyperparameterError(
+                f"Rule '{self.rule.name}' has no hyperparameter {', '.join(f'`{k}`' for k in unknown)}. "
+                f"Its hyperparameters are: {describe_spec(type(self.rule))}."
+            )
+        fixed = {k: v for k, v in values.items() if k not in self.leafwise}
+        grouped = {k: self.checks[k](self.rule.name, k, v) for k, v in values.items() if k in self.leafwise}
+        rule = self.rule.replace(**fixed) if fixed else self.rule  # validates the fixed values
+        for group in param_groups:
+            group.update(grouped)
+        if fixed:
+            self.rule = rule
+            self._cached = None
+        return rule
 
     def for_step(self, param_groups: list[dict[str, Any]], params: list[torch.Tensor]) -> _rules.Rule:
         """The rule with the groups' current values: one value where all groups agree, else a

@@ -193,6 +193,13 @@ class Optimizer(torch.optim.Optimizer):
             groups.check_group(param_group)
         super().add_param_group(param_group)
 
+    def set_rule_hyperparameters(self, **values: Any) -> None:
+        """Change rule hyperparameters between steps (what `gradnorm.torch.RuleScheduler` calls): a
+        per-group one (``rho``, ``r``, ``alpha``, ``gamma``, ``lam``, ...) is written into every
+        parameter group, as ``group["r"] = value`` would be; any other (``flooding``'s ``b``) replaces
+        the optimizer's value. Validated first; nothing changes on an error."""
+        self.rule = self._groups.set_hyperparameters(self.param_groups, values)
+
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
