@@ -83,6 +83,17 @@ def namespace_of(leaves: Sequence[Any], *, argument: str = "params") -> Any:
         ) from err
 
 
+def placement(leaf: Any) -> Any:
+    """Where an array made for `leaf`'s state (a step counter, a 0-d scalar) should live: the
+    device (or sharding) of `leaf`, except for a JAX array that is not committed to a device,
+    for which it is None. An explicit device would commit the new array to that one device, and a
+    state committed to device 0 cannot meet parameters that jit places on a mesh
+    (`gradnorm.jax.data_parallel_step`); left uncommitted, it follows the parameters."""
+    if getattr(leaf, "committed", True) is False:
+        return None
+    return array_api_compat.device(leaf)
+
+
 def traced_cond(pred: Any, like: Any = None) -> Any:
     """The framework's own conditional for a predicate that has no value yet, else None.
 

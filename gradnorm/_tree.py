@@ -31,7 +31,7 @@ import sys
 import array_api_compat
 import optree
 
-from ._backend import array_namespace, is_array, namespace_of, traced_cond  # re-exported: the core calls _tree.<name>
+from ._backend import array_namespace, is_array, namespace_of, placement, traced_cond  # re-exported: the core calls _tree.<name>
 from ._errors import describe
 
 __all__ = ["ArrayOps", "PerLeaf", "flatten", "unflatten", "tree_structure", "namespace_of", "is_array", "array_namespace"]
@@ -315,7 +315,7 @@ class ArrayOps:
         """A 0-d array of the accumulation dtype on the device of `like`."""
         xp = self.xp
         # full, not asarray: a Python number copied to a GPU would synchronize with the host
-        return xp.full((), value, dtype=self._acc_dtype(like), device=array_api_compat.device(like[0]))
+        return xp.full((), value, dtype=self._acc_dtype(like), device=placement(like[0]))
 
     # -- elementwise ---------------------------------------------------------------------
     def add(self, x: Leaves, y: Leaves) -> Leaves:

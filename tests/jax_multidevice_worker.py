@@ -38,10 +38,12 @@ from jax.sharding import PartitionSpec as P
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import gradnorm
 import gradnorm.jax as gj
 from conformance.problems import PROBLEMS
 
 STEPS, LR, MOMENTUM = 3, 0.3, 0.9
+STATEFUL = [("looksam", {"rho": 0.1, "every": 2}), ("coherent", {"lam": 0.05, "threshold": 0.0})]
 
 
 def problem():
@@ -123,6 +125,25 @@ def main(path: str, flood_level: float) -> None:
 
         mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("batch"), P("batch")), out_specs=P())
         out[f"transform-{policy}"] = flat(jax.jit(mapped)(params, X, Y))
+    # stateful rules, their state made by `rule.init` outside jit and carried from step to step,
+    # eagerly and jitted: a state committed to one device cannot meet the mesh (it used to be)
+    for rule, hyper in STATEFUL:
+        rule_obj = gradnorm.rules.get(rule, **hyper)
+        for mode in ("eager", "jit"):
+            def dp(p, s, x, y, rule_obj=rule_obj):
+                return gj.data_parallel_step(p, loss_fn, x, y, mesh=mesh, rule=rule_obj, state=s, perturbation="global")
+
+            def single(p, s, x, y, rule_obj=rule_obj):
+                return gj.step(p, loss_fn, x, y, rule=rule_obj, state=s)
+
+            for name, fn in (("dp", dp), ("single", single)):
+                fn = jax.jit(fn) if mode == "jit" else fn
+                p, s, directions = params, rule_obj.init(params), []
+                for _ in range(STEPS):
+                    res = fn(p, s, X, Y)
+                    directions.append(flat(res.grad))
+                    p, s = optree.tree_map(lambda a, d: a - LR * d, p, res.grad), res.state
+                out[f"stateful-{rule}-{mode}-{name}"] = np.array(directions)
     np.savez(path, **out)
 
 

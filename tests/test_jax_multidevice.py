@@ -100,3 +100,15 @@ def test_transform_inside_shard_map(runs, policy):
     else:
         want = np.mean([reference("sam", shard, FULL.x0, rho=0.1).direction for shard in SHARDS], axis=0)
     assert_close(-runs[f"transform-{policy}"], want)
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+@pytest.mark.parametrize("rule", ["looksam", "coherent"])
+def test_stateful_rules_carry_their_state_over_the_mesh(runs, rule, mode):
+    """A stateful rule's state from `rule.init(params)` (uncommitted arrays, as the parameters) is
+    carried through data_parallel_step eagerly and jitted; with the global policy its directions
+    equal the single-device rule on the full batch, step after step (looksam: a full step, then a
+    step that reuses the stored component)."""
+    got, want = runs[f"stateful-{rule}-{mode}-dp"], runs[f"stateful-{rule}-{mode}-single"]
+    assert got.shape == want.shape == (STEPS, FULL.x0.size)
+    assert_close(got, want)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import array_api_compat
-
+from .._tree import placement
 from ._base import Hyperparameter, Rule, choice, integer, is_static_zero, real
 
 __all__ = ["Coherent", "CoherentState", "coherence", "fraction_below"]
@@ -74,7 +73,7 @@ class Coherent(Rule):
     def init_leaves(self, params, ops):
         xp = ops.xp
         # zeros, not asarray(0): a Python number copied to a GPU would synchronize with the host
-        return CoherentState(step=xp.zeros((), dtype=xp.int32, device=array_api_compat.device(params[0])))
+        return CoherentState(step=xp.zeros((), dtype=xp.int32, device=placement(params[0])))
 
     def compute_direction(self, params, grads, loss, grad_norm, state, oracle, ops):
         info = {"sparsity": fraction_below(params, self.sparsity_tol, ops)}

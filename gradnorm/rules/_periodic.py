@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from .._errors import describe
-from .._tree import PerLeaf, namespace_of, per_leaf, traced_cond
+from .._tree import PerLeaf, namespace_of, per_leaf, placement, traced_cond
 from ._base import Hyperparameter, HyperparameterError, Rule, choice, flag, integer, is_static_zero, real
 from ._sam import SAM
 
@@ -165,7 +165,7 @@ class _PeriodicRule(Rule):
         # PyTorch: the counter stays in host memory, so that choosing the branch (`bool(step % k == 0)`)
         # does not wait for the device; elsewhere it sits with the parameters (JAX keys its compilation
         # cache on where the arguments are committed, and the branch is traced there anyway).
-        device = "cpu" if array_api_compat.is_torch_namespace(xp) else array_api_compat.device(params[0])
+        device = "cpu" if array_api_compat.is_torch_namespace(xp) else placement(params[0])
         step = xp.zeros((), dtype=xp.int32, device=device)
         reuse = [xp.zeros_like(p) for p in params] if self._reuse else []
         return PeriodicState(self._inner.init_leaves(params, ops), step, reuse)
