@@ -89,7 +89,8 @@ def placement(leaf: Any) -> Any:
     for which it is None. An explicit device would commit the new array to that one device, and a
     state committed to device 0 cannot meet parameters that jit places on a mesh
     (`gradnorm.jax.data_parallel_step`); left uncommitted, it follows the parameters."""
-    if getattr(leaf, "committed", True) is False:
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and not leaf.committed:
         return None
     return array_api_compat.device(leaf)
 
