@@ -176,3 +176,10 @@ def test_keras_callback_bad_arguments():
         gradnorm.schedules.RuleSchedulerCallback([0.1])
     with pytest.raises(ValueError, match="`verbose`.*must be 0 or 1. Received: 2"):
         gradnorm.schedules.RuleSchedulerCallback({"r": gradnorm.schedules.constant(0.1)}, verbose=2)
+
+
+def test_the_callback_is_gradnorm_keras_rule_scheduler():
+    import gradnorm.keras
+
+    assert gradnorm.keras.RuleScheduler is gradnorm.schedules.RuleSchedulerCallback
+    assert issubclass(gradnorm.keras.RuleScheduler, keras.callbacks.Callback)

@@ -30,7 +30,7 @@ import keras as _keras
 from ._common import BACKENDS, TrainStepBase
 from ._model import make_model_class
 
-__all__ = ["BACKENDS", "GradnormModel", "GradnormTrainStep"]
+__all__ = ["BACKENDS", "GradnormModel", "GradnormTrainStep", "RuleScheduler"]
 
 _backend = _keras.backend.backend()
 if _backend == "tensorflow":
@@ -44,3 +44,9 @@ else:  # set_rule and GradnormModel raise a clear error naming the backend
 
 GradnormTrainStep.__module__ = "gradnorm.keras"
 GradnormModel = make_model_class(GradnormTrainStep)
+
+# The warm-up callback of gradnorm.schedules (a Keras callback over `set_rule_hyperparameters`),
+# under the name the torch adapter's scheduler has.
+from .._keras_schedule import callback_class as _callback_class  # noqa: E402
+
+RuleScheduler = _callback_class()
