@@ -9,7 +9,9 @@ for SAM every k steps; each timed run is many periods long). The floor of ``gr``
 with its graph plus one Hessian-vector product along it (``closure(create_graph=True)`` and
 ``torch.autograd.grad`` of the gradients: the double backward, without the rule) + the update. The
 hand-written SAM is the usual loop: gradient, ``p += e`` in place, second gradient, ``p -= e``, base
-step (foreach ops throughout). Prints a table; no assertion.
+step (foreach ops throughout); the minimal SAM is the least a step with gradnorm's promises computes
+(a copy of the weights and the exact restore from it, the fused inf/nan check and the skip decision),
+without its bookkeeping. Prints a table; no assertion.
 
     python benchmarks/torch_step.py [--steps 200] [--repeats 5] [--device cpu] [--threads 2] [--model mlp|cnn]
 """
@@ -137,6 +139,31 @@ def main() -> None:
         hand_base.step()
 
     fns["hand-written SAM"] = handwritten_sam
+    minimal_base = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, foreach=True)
+    saved = [torch.empty_like(p) for p in params]
+    found, one = torch.zeros(1, device=params[0].device), torch.ones((), device=params[0].device)
+
+    def minimal_sam():
+        """The least a SAM step with gradnorm's promises computes, without its bookkeeping: the
+        norm, a copy of the weights, the point formed in place, the second gradient, the exact
+        restore from the copy, the fused inf/nan check of the direction and its skip decision."""
+        closure()
+        with torch.no_grad():
+            grads = [p.grad for p in params]
+            scale = 0.05 / (torch.stack(torch._foreach_powsum(grads, 2)).sum().sqrt() + 1e-12)
+            torch._foreach_copy_(saved, params)
+            torch._foreach_addcmul_(params, grads, [scale] * len(grads))
+            del grads
+        closure()
+        with torch.no_grad():
+            torch._foreach_copy_(params, saved)
+            found.zero_()
+            torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in params], found, one)
+        if found.item() == 0:
+            minimal_base.step()
+
+    if hasattr(torch, "_foreach_powsum"):
+        fns["minimal SAM"] = minimal_sam
     closure()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     t = timed_interleaved(fns, args.steps, args.repeats, finish=lambda out: sync())
@@ -155,6 +182,8 @@ def main() -> None:
     if "peer" in t:
         rows.append(("pytorch_optimizer.SAM(foreach=True)", "2 grads", t["peer"], 2 * t_grad + t_update))
     rows.append(("hand-written SAM (foreach)", "2 grads", t["hand-written SAM"], 2 * t_grad + t_update))
+    if "minimal SAM" in t:
+        rows.append(("minimal SAM (exact restore, inf check)", "2 grads", t["minimal SAM"], 2 * t_grad + t_update))
 
     print(f"{DESCRIPTION[args.model]}, {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; median of {args.repeats} interleaved rounds of {args.steps} steps; "

@@ -16,50 +16,7 @@ optax = pytest.importorskip("optax")
 import gradnorm.jax as gj  # noqa: E402
 from gradnorm.schedules import gnp_warmup  # noqa: E402
 from tests._jax import full_float32_matmuls, x64  # noqa: E402, F401  (the fixture is autouse)
-
-F32 = np.float32
-RNG = np.random.RandomState(0)
-XS = RNG.randn(16, 3)
-YS = RNG.randn(16)
-W0 = np.array([0.5, -1.0, 2.0])
-STEPS, WARM, R, ALPHA, LR = 9, 4, 0.1, 0.8, 0.1
-
-
-def hand_ramp32(target, w, t):
-    fraction = F32(t) * (F32(1.0) / F32(w))
-    return float(F32(target) * min(fraction, F32(1.0)))
-
-
-def expected_values(strategy):
-    ramp_r = [hand_ramp32(R, WARM, t) for t in range(STEPS)]
-    ramp_a = [hand_ramp32(ALPHA, WARM, t) for t in range(STEPS)]
-    rs = {"r": ramp_r, "lambda": [R] * STEPS, "zero": [0.0] * WARM + [R] * (STEPS - WARM)}[strategy]
-    alphas = {"r": [ALPHA] * STEPS, "lambda": ramp_a, "zero": [ALPHA] * STEPS}[strategy]
-    return rs, alphas
-
-
-def np_grad(w):
-    return XS.T @ (XS @ w - YS) / len(YS)
-
-
-def numpy_trajectory(rs, alphas, alpha_float32=False):
-    """SGD on the GNP direction with the unit mix and norm_eps = 0 (the official code's settings).
-
-    `alpha_float32`: alpha is a float32 array (the float32 ramp of strategy "lambda", which optax's
-    inject_hyperparams keeps in float32), so 1 - alpha is rounded to float32, as in the official code
-    (``(1 - alpha) * a`` with a float32 alpha)."""
-    w, out = W0.copy(), []
-    for r, a in zip(rs, alphas):
-        g = np_grad(w)
-        if r == 0 or a == 0:
-            d = g
-        else:
-            unit = g / np.linalg.norm(g)
-            one_minus = float(F32(1.0) - F32(a)) if alpha_float32 else 1 - a
-            d = one_minus * unit + a * np_grad(w + r * unit)
-        w = w - LR * d
-        out.append(w)
-    return np.array(out)
+from tests._warmup import ALPHA, LR, STEPS, W0, WARM, XS, YS, R, expected_values, numpy_trajectory  # noqa: E402
 
 
 def counted_loss(box):

@@ -12,49 +12,10 @@ import pytest
 
 import gradnorm
 from gradnorm.schedules import gnp_warmup
+from tests._warmup import ALPHA, F32, LR, STEPS, W0, WARM, XS, YS, R, expected_values, numpy_trajectory
 
 tf = pytest.importorskip("tensorflow")
 gtf = pytest.importorskip("gradnorm.tf")
-
-F32 = np.float32
-RNG = np.random.RandomState(0)
-XS = RNG.randn(16, 3)
-YS = RNG.randn(16)
-W0 = np.array([0.5, -1.0, 2.0])
-STEPS, WARM, R, ALPHA, LR = 9, 4, 0.1, 0.8, 0.1
-
-
-def hand_ramp32(target, w, t):
-    fraction = F32(t) * (F32(1.0) / F32(w))
-    return float(F32(target) * min(fraction, F32(1.0)))
-
-
-def expected_values(strategy):
-    ramp_r = [hand_ramp32(R, WARM, t) for t in range(STEPS)]
-    ramp_a = [hand_ramp32(ALPHA, WARM, t) for t in range(STEPS)]
-    rs = {"r": ramp_r, "lambda": [R] * STEPS, "zero": [0.0] * WARM + [R] * (STEPS - WARM)}[strategy]
-    alphas = {"r": [ALPHA] * STEPS, "lambda": ramp_a, "zero": [ALPHA] * STEPS}[strategy]
-    return rs, alphas
-
-
-def np_grad(w):
-    return XS.T @ (XS @ w - YS) / len(YS)
-
-
-def numpy_trajectory(rs, alphas, lr=LR):
-    """SGD on the GNP direction with the unit mix and norm_eps = 0 (the official code's settings)."""
-    w, out = W0.copy(), []
-    for r, a in zip(rs, alphas):
-        g = np_grad(w)
-        if r == 0 or a == 0:
-            d = g
-        else:
-            unit = g / np.linalg.norm(g)
-            d = (1 - a) * unit + a * np_grad(w + r * unit)
-        w = w - lr * d
-        out.append(w)
-    return np.array(out)
-
 
 @pytest.mark.parametrize("strategy", ["r", "lambda", "zero"])
 def test_tf_function_custom_loop_warmup(strategy):
@@ -159,7 +120,7 @@ def test_keras_callback_warmup(strategy):
     if strategy == "zero":
         assert record.passes == [1] * WARM + [2] * (STEPS - WARM)
     # a Keras optimizer holds its learning rate in a float32 variable: float32(0.1)
-    want = numpy_trajectory(rs, alphas, lr=float(F32(LR)))
+    want = numpy_trajectory(rs, alphas, [float(F32(LR))] * len(rs))
     np.testing.assert_allclose(np.array(record.weights), want, rtol=1e-12, atol=0)
 
 

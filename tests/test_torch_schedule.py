@@ -14,42 +14,10 @@ import pytest
 
 import gradnorm
 from gradnorm.schedules import gnp_warmup, linear_warmup
+from tests._warmup import F32, W0, XS, YS, hand_ramp32, numpy_trajectory
 
 torch = pytest.importorskip("torch")
 gt = pytest.importorskip("gradnorm.torch")
-
-F32 = np.float32
-RNG = np.random.RandomState(0)
-XS = RNG.randn(16, 3)
-YS = RNG.randn(16)
-W0 = np.array([0.5, -1.0, 2.0])
-
-
-def hand_ramp32(target, w, t):
-    fraction = F32(t) * (F32(1.0) / F32(w))
-    return float(F32(target) * min(fraction, F32(1.0)))
-
-
-def grad(w):
-    """Gradient of 0.5 * mean((X w - y)^2)."""
-    return XS.T @ (XS @ w - YS) / len(YS)
-
-
-def numpy_gnp_trajectory(rs, alphas, lrs, mix):
-    """SGD on the GNP direction with r_t, alpha_t, lr_t given per step, norm_eps = 0 (the official code)."""
-    w = W0.copy()
-    out = []
-    for r, a, lr in zip(rs, alphas, lrs):
-        g = grad(w)
-        if r == 0 or a == 0:
-            d = g
-        else:
-            unit = g / np.linalg.norm(g)
-            d = (1 - a) * (unit if mix else g) + a * grad(w + r * unit)
-        w = w - lr * d
-        out.append(w.copy())
-    return out
-
 
 def make(rule_kwargs, lr=0.1):
     w = torch.nn.Parameter(torch.tensor(W0, dtype=torch.float64))
@@ -90,7 +58,7 @@ def test_warmup_strength_and_trajectory_against_the_hand_written_ramp(strategy):
     assert evals == [1 if (a == 0 or b == 0) else 2 for a, b in zip(want_r, want_a)]
     if strategy == "zero":
         assert evals == [1] * warm + [2] * (steps - warm)
-    want = numpy_gnp_trajectory(want_r, want_a, [0.1] * steps, mix=True)
+    want = numpy_trajectory(want_r, want_a, [0.1] * steps, mix=True)
     np.testing.assert_allclose(np.array(traj), np.array(want), rtol=1e-12, atol=0)
 
 
