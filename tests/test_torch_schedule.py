@@ -143,6 +143,11 @@ def test_errors_name_the_argument():
     with pytest.raises(gradnorm.HyperparameterError, match=r"schedule of `r`.*at step 0.*>= 0.*-0.5"):
         gt.RuleScheduler(opt, {"r": lambda t: -0.5})
     assert opt.param_groups[0]["r"] == before  # nothing changed
+    # a schedule that turns invalid later: the failing step changes neither the groups nor last_step
+    late = gt.RuleScheduler(opt, {"r": linear_warmup(-0.1, 3)})  # step 0: r = -0.0 (valid)
+    with pytest.raises(gradnorm.HyperparameterError, match=r"schedule of `r`.*at step 1"):
+        late.step()
+    assert late.last_step == 0 and opt.param_groups[0]["r"] == 0.0
     sched = gt.RuleScheduler(opt, {"r": linear_warmup(0.1, 3)})
     with pytest.raises(ValueError, match=r"`state_dict\['hyperparameters'\]` is \['alpha'\]"):
         sched.load_state_dict({"last_step": 2, "hyperparameters": ["alpha"]})

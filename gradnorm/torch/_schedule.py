@@ -141,9 +141,10 @@ class RuleScheduler:
         self._last_values = values
 
     def step(self) -> None:
-        """Advance one step and apply the schedules' values there."""
+        """Advance one step and apply the schedules' values there (an invalid value raises and
+        changes nothing: neither the optimizer nor ``last_step``)."""
+        self._apply(self.last_step + 1)
         self.last_step += 1
-        self._apply(self.last_step)
 
     def get_last_values(self) -> list[dict[str, float]]:
         """The values last applied, one dict per parameter group (as ``get_last_lr``)."""
