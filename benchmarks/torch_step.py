@@ -64,7 +64,6 @@ def main() -> None:
         loss.backward(create_graph=create_graph)
         return loss
 
-    base = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, foreach=True)
     params = list(model.parameters())
 
     def gradient_and_hvp():  # gr's floor without the update: the gradient's graph, one double backward

@@ -28,7 +28,6 @@ import numbers
 import operator
 import sys
 
-import array_api_compat
 import optree
 
 from ._backend import array_namespace, is_array, namespace_of, placement, traced_cond  # re-exported: the core calls _tree.<name>

@@ -91,6 +91,33 @@ def test_optimizer_holds_only_what_the_rule_needs_at_each_pass(rule):
     assert opt.last_info["grad_evals"] == len(counts)
 
 
+@pytest.mark.parametrize("rule", ["sam", "gnp", "fd_gr"])
+def test_a_tensor_strength_holds_no_more_than_a_number(rule):
+    """A strength given as a 0-d tensor (what a schedule may pass) is compared with 0 at every
+    step (the run-time skip); eagerly the branch is chosen on the host, so the step holds the same
+    buffers at each pass as with the number."""
+    torch = pytest.importorskip("torch")
+    import gradnorm.torch as gt
+
+    model, x, y = make_problem(torch)
+    hyper = {k: torch.tensor(v) if isinstance(v, float) and k != "eps" else v for k, v in HYPER[rule].items()}
+    opt = gt.Optimizer(model.parameters(), torch.optim.SGD, rule=rule, lr=0.05, momentum=0.9, **hyper)
+    counts: list[int] = []
+
+    def closure():
+        counts.append(live_storages(torch))
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    counts.clear()
+    opt.step(closure)
+    assert counts == OPTIMIZER_LIVE[rule], f"{rule}: live {SHAPE} tensors at each pass {counts}"
+
+
 @pytest.mark.parametrize("rule", ["sam", "gnp", "fd_gr", "gam"])
 def test_optimizer_computes_the_direction_in_a_gradient_buffer(rule):
     """The direction left in ``.grad`` lives in the buffer of a gradient a pass made (the rule combined

@@ -47,6 +47,6 @@ GradnormModel = make_model_class(GradnormTrainStep)
 
 # The warm-up callback of gradnorm.schedules (a Keras callback over `set_rule_hyperparameters`),
 # under the name the torch adapter's scheduler has.
-from .._keras_schedule import callback_class as _callback_class  # noqa: E402
+from .._keras_schedule import callback_class as _callback_class
 
 RuleScheduler = _callback_class()

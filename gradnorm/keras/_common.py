@@ -128,6 +128,16 @@ class TrainStepBase:
     """The backend-independent part of `GradnormTrainStep` (see the backend modules for the step)."""
 
     _gradnorm_settings: Settings | None = None
+    #: the backend's runtime (what the step needs besides the model), made by `_gradnorm_runtime`
+    _runtime_class: Any = None
+
+    def _gradnorm_runtime(self) -> Any:
+        """The runtime of the current settings, made anew when the trainable variables changed."""
+        settings = self._settings()
+        runtime = settings.runtime
+        if runtime is None or runtime.trainable_ids != [id(v) for v in self.trainable_variables]:  # type: ignore[attr-defined]
+            settings.runtime = runtime = self._runtime_class(self, settings)
+        return runtime
 
     def set_rule(self, rule: Any = "sam", *, perturbation: str = "local", same_randomness: bool = False,
                  hvp: str = "reverse_over_reverse", dynamic_hyperparameters: bool = True, **hyperparameters: Any) -> None:

@@ -114,12 +114,7 @@ class GradnormTrainStep(TrainStepBase):
     unscaled loss and gradients, and the direction is scaled back before the optimizer unscales it.
     """
 
-    def _gradnorm_runtime(self) -> _Runtime:
-        settings = self._settings()
-        runtime = settings.runtime
-        if runtime is None or runtime.trainable_ids != [id(v) for v in self.trainable_variables]:  # type: ignore[attr-defined]
-            settings.runtime = runtime = _Runtime(self, settings)  # type: ignore[arg-type]
-        return runtime
+    _runtime_class = _Runtime
 
     def make_train_function(self, force: bool = False) -> Any:
         if self.train_function is not None and not force:  # type: ignore[has-type]
