@@ -4,6 +4,7 @@ gradnorm.torch.Optimizer around a DistributedDataParallel model. Writes its fina
 from __future__ import annotations
 
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,10 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def main(rank: int, world: int, port: str, rule: str, perturbation: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a rendezvous that cannot complete fails after a minute instead of hanging the test
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    print(f"rank {rank}: joined", flush=True)  # progress, shown if the test times out
     model = torch.nn.parallel.DistributedDataParallel(make_model())
     x, y = make_data()
     xb, yb = x.chunk(world)[rank], y.chunk(world)[rank]
@@ -38,6 +42,7 @@ def main(rank: int, world: int, port: str, rule: str, perturbation: str, out: st
 
     losses = [float(opt.step(closure)) for _ in range(4)]
     torch.save({"params": [p.detach().clone() for p in model.parameters()], "losses": losses}, out)
+    print(f"rank {rank}: saved", flush=True)
     # both ranks reach the shutdown together: gloo's destroy_process_group can hang in a rank whose
     # peer has already exited (seen on CI as a rank that finished its work and never returned)
     dist.barrier()
